@@ -1,0 +1,1147 @@
+"""AWS Signature Version 4 and a small S3 client, in the standard library only.
+
+This module imports nothing from buquet: copy it alone into any project.
+
+    >>> client = S3Client(endpoint="http://127.0.0.1:9000", region="us-east-1",
+    ...                   credentials=Credentials("AKID", "SECRET"))
+    >>> r = client.put_object("bucket", "tasks/0/a.json", b"{}", if_none_match="*")
+    >>> client.get_object("bucket", "tasks/0/a.json", if_none_match=r.etag).status
+    304
+
+Signing (`sign`, `presign`) is a chain of pure functions named after the steps
+of the SigV4 specification: `canonical_request`, `string_to_sign`,
+`signing_key`, `signature`.  The clock is an argument, never read inside.
+S3 paths are signed exactly as sent (S3 does not normalise them), as botocore
+does.
+
+The client (`S3Client`) speaks the handful of S3 calls a task queue needs,
+named after the S3 API.  It keeps one persistent connection per thread and
+host, verifies TLS by default (`AWS_CA_BUNDLE`, `SSL_CERT_FILE`), honours
+`HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`, and retries throttling, 5xx and
+broken connections with capped exponential backoff and full jitter.
+
+Errors: every failure is an `S3Error` (one line: what, where, why, what to
+check).  Lost conditional writes are `ConflictError`.  A conditional write
+whose retry answered 412 after an earlier attempt may have reached the server
+is `UncertainWriteError`: it may have succeeded, so the caller must re-read
+and decide.  Credentials never appear in errors, reprs or logs.
+
+Environment read here: AWS credential variables and files (see
+`resolve_credentials`), `AWS_REGION`, `AWS_DEFAULT_REGION`,
+`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, `S3_FORCE_PATH_STYLE`,
+`AWS_CA_BUNDLE`, `SSL_CERT_FILE`, `HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`
+(and their lowercase forms).
+"""
+
+import hashlib
+import hmac
+import http.client
+import os
+import random
+import socket
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from functools import lru_cache
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
+
+__all__ = [
+    "Credentials",
+    "CredentialsError",
+    "ConflictError",
+    "NoSuchKey",
+    "S3Client",
+    "S3Error",
+    "S3Response",
+    "TransportError",
+    "UncertainWriteError",
+    "UNSIGNED_PAYLOAD",
+    "canonical_request",
+    "presign",
+    "resolve_credentials",
+    "resolve_region",
+    "sign",
+    "signing_key",
+    "string_to_sign",
+]
+
+# ============================================================================
+# Constants
+# ============================================================================
+
+ALGORITHM = "AWS4-HMAC-SHA256"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+DEFAULT_REGION = "us-east-1"
+
+# Headers botocore never signs: proxies and HTTP stacks may add or rewrite them.
+_UNSIGNED_HEADERS = frozenset(
+    ("authorization", "expect", "transfer-encoding", "user-agent", "x-amzn-trace-id")
+)
+
+# Status codes and S3 error codes worth another attempt.  503 SlowDown means
+# "not processed"; 500/502/504 may have been applied before the reply broke.
+_RETRY_STATUSES = frozenset((500, 502, 503, 504))
+_RETRY_CODES = frozenset(
+    ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed")
+)
+_MAX_ERROR_BODY = 64 * 1024
+_USER_AGENT = "buquet-sigv4/1"
+
+# What to check for the common configuration errors, said once in the error.
+_HINTS = {
+    "NoSuchKey": "the object does not exist",
+    "NoSuchBucket": "check the bucket name, region and endpoint",
+    "AccessDenied": "check the credentials' permissions on this bucket",
+    "SignatureDoesNotMatch": "check the secret access key and the region",
+    "InvalidAccessKeyId": "check the access key id (and the endpoint it belongs to)",
+    "AuthorizationHeaderMalformed": "check the region",
+    "PermanentRedirect": "the bucket lives in another region: set the region",
+    "RequestTimeTooSkewed": "the local clock is far from the server's: sync it",
+    "ExpiredToken": "the session token expired: refresh the credentials",
+}
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class S3Error(Exception):
+    """Any failure of this module: an S3 error reply, a transport failure, bad
+    credentials.  `str()` is one line naming the call, the object, the reply
+    and what to check.  Never carries credentials."""
+
+    def __init__(
+        self,
+        message,
+        *,
+        status=None,
+        code=None,
+        method=None,
+        bucket=None,
+        key=None,
+        request_id=None,
+        date=None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.method = method
+        self.bucket = bucket
+        self.key = key
+        self.request_id = request_id
+        self.date = date  # the server's Date header, when there was a reply
+
+    def __str__(self):
+        where = ""
+        if self.method:
+            target = self.bucket or ""
+            if self.key is not None:
+                target += "/" + self.key
+            where = "%s s3://%s: " % (self.method, target)
+        reply = ""
+        if self.status is not None:
+            reply = "%s %s: " % (self.status, self.code or "")
+        text = where + reply + self.message
+        hint = _HINTS.get(self.code or "")
+        if hint and hint not in text:
+            text += " (%s)" % hint
+        if self.request_id:
+            text += " [request id %s]" % self.request_id
+        return text
+
+
+class CredentialsError(S3Error):
+    """No credentials could be found, or a credential source failed."""
+
+
+class NoSuchKey(S3Error):
+    """GET or HEAD of an object that does not exist (404)."""
+
+
+class ConflictError(S3Error):
+    """A conditional write lost: 412 PreconditionFailed, 409
+    ConditionalRequestConflict, or 404 on an If-Match write (AWS and moto
+    answer 404 when the object is gone; SeaweedFS and Ceph answer 412)."""
+
+
+class UncertainWriteError(S3Error):
+    """A conditional write failed in transit, was retried, and the retry lost
+    (412).  The first attempt may have been applied: re-read and decide."""
+
+
+class TransportError(S3Error):
+    """The server could not be reached or did not answer, after retries."""
+
+
+# ============================================================================
+# Credentials
+# ============================================================================
+
+# (merged from _credentials.py)
+class Credentials:  # TEMP until the merge
+    __slots__ = ("access_key", "secret_key", "session_token", "expiration")
+
+    def __init__(self, access_key, secret_key, session_token=None, expiration=None):
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.session_token = session_token
+        self.expiration = expiration
+
+
+def resolve_credentials(**kwargs):  # TEMP until the merge
+    raise CredentialsError("no credentials")
+
+
+def resolve_region(profile=None, environ=None):  # TEMP until the merge
+    return None
+
+
+# ============================================================================
+# Signing (pure functions of their arguments)
+# ============================================================================
+
+
+def _sha256_hex(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hmac(key, msg):
+    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+
+
+def _amz_date(now):
+    return now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _uri_encode(text, safe=""):
+    # RFC 3986 unreserved characters stay; everything else is %XX in UTF-8.
+    return quote(text, safe="-_.~" + safe)
+
+
+def canonical_uri(path, service="s3"):
+    """The CanonicalURI of a path exactly as it is sent (already encoded).
+
+    S3 signs the path as sent.  Other services normalise dot segments and
+    encode the encoded path once more, as the SigV4 test suite requires."""
+    if not path:
+        return "/"
+    if service == "s3":
+        return path
+    segments = []
+    for seg in path.split("/"):
+        if seg == "..":
+            if segments:
+                segments.pop()
+        elif seg not in (".", ""):
+            segments.append(seg)
+    normalized = "/" + "/".join(segments)
+    if path.endswith("/") and normalized != "/":
+        normalized += "/"
+    return quote(normalized, safe="/~")
+
+
+def canonical_query_string(query):
+    """The CanonicalQueryString of a raw query: each name and value encoded
+    with the unreserved set, sorted by name then value."""
+    if not query:
+        return ""
+    pairs = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        pairs.append((_uri_encode(unquote(name)), _uri_encode(unquote(value))))
+    pairs.sort()
+    return "&".join("%s=%s" % pair for pair in pairs)
+
+
+def _canonical_headers(headers):
+    """(CanonicalHeaders, SignedHeaders) from (name, value) pairs.  Names are
+    lowercased, values trimmed with inner runs of spaces folded, repeated
+    names joined with commas in the order given."""
+    merged = {}
+    for name, value in headers:
+        lname = name.lower().strip()
+        if lname in _UNSIGNED_HEADERS:
+            continue
+        merged.setdefault(lname, []).append(" ".join(str(value).split()))
+    names = sorted(merged)
+    canonical = "".join("%s:%s\n" % (n, ",".join(merged[n])) for n in names)
+    return canonical, ";".join(names)
+
+
+def canonical_request(method, url, headers, payload_hash, service="s3"):
+    """The SigV4 CanonicalRequest, and the SignedHeaders list it used.
+
+    `headers` is a mapping or a list of (name, value) pairs and must already
+    hold every header to sign (host and x-amz-date included)."""
+    parts = urlsplit(url)
+    items = headers.items() if hasattr(headers, "items") else headers
+    canon_headers, signed = _canonical_headers(items)
+    request = "\n".join(
+        (
+            method.upper(),
+            canonical_uri(parts.path, service),
+            canonical_query_string(parts.query),
+            canon_headers,
+            signed,
+            payload_hash,
+        )
+    )
+    return request, signed
+
+
+def _scope(amz_date, region, service):
+    return "%s/%s/%s/aws4_request" % (amz_date[:8], region, service)
+
+
+def string_to_sign(amz_date, scope, canonical):
+    return "\n".join(
+        (ALGORITHM, amz_date, scope, _sha256_hex(canonical.encode("utf-8")))
+    )
+
+
+@lru_cache(maxsize=16)
+def signing_key(secret_key, datestamp, region, service):
+    """The derived key for one day, region and service; cached because it
+    only changes once a day and costs four HMACs."""
+    key = _hmac(("AWS4" + secret_key).encode("utf-8"), datestamp)
+    key = _hmac(key, region)
+    key = _hmac(key, service)
+    return _hmac(key, "aws4_request")
+
+
+def signature(key, to_sign):
+    return hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _host_header(parts):
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = "[%s]" % host
+    port = parts.port
+    default = 443 if parts.scheme == "https" else 80
+    if port and port != default:
+        host += ":%d" % port
+    return host
+
+
+def sign(method, url, headers, payload_hash, credentials, region, service="s3", now=None):
+    """Sign a request; return every header to send.
+
+    The result holds the given headers plus `host`, `x-amz-date`,
+    `x-amz-content-sha256` (S3 only), `x-amz-security-token` (when the
+    credentials carry a session token) and `authorization`.  Headers of the
+    same names given by the caller are replaced, whatever their case.
+    `url` is the exact URL that will be sent, query included; `payload_hash`
+    is the hex SHA-256 of the body or `UNSIGNED_PAYLOAD`; `now` is an aware
+    datetime (default: the current time)."""
+    if now is None:
+        now = datetime.now(timezone.utc)
+    elif now.tzinfo is None:
+        raise ValueError("sign(): now must be an aware datetime, got %r" % (now,))
+    amz_date = _amz_date(now)
+    parts = urlsplit(url)
+    ours = {"host": _host_header(parts), "x-amz-date": amz_date}
+    if service == "s3":
+        ours["x-amz-content-sha256"] = payload_hash
+    if credentials.session_token:
+        ours["x-amz-security-token"] = credentials.session_token
+    out = {k: v for k, v in headers.items() if k.lower() not in ours and k.lower() != "authorization"}
+    out.update(ours)
+    canonical, signed = canonical_request(method, url, out, payload_hash, service)
+    scope = _scope(amz_date, region, service)
+    key = signing_key(credentials.secret_key, amz_date[:8], region, service)
+    sig = signature(key, string_to_sign(amz_date, scope, canonical))
+    out["authorization"] = "%s Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+        ALGORITHM,
+        credentials.access_key,
+        scope,
+        signed,
+        sig,
+    )
+    return out
+
+
+def presign(method, url, credentials, region, expires=3600, service="s3", now=None):
+    """A presigned URL (query-string authentication) valid for `expires`
+    seconds, signing only the host header and an unsigned payload."""
+    if not 1 <= int(expires) <= 604800:
+        raise ValueError("presign(): expires must be 1 to 604800 seconds, got %r" % (expires,))
+    if now is None:
+        now = datetime.now(timezone.utc)
+    amz_date = _amz_date(now)
+    scope = _scope(amz_date, region, service)
+    parts = urlsplit(url)
+    params = [
+        ("X-Amz-Algorithm", ALGORITHM),
+        ("X-Amz-Credential", "%s/%s" % (credentials.access_key, scope)),
+        ("X-Amz-Date", amz_date),
+        ("X-Amz-Expires", str(int(expires))),
+        ("X-Amz-SignedHeaders", "host"),
+    ]
+    if credentials.session_token:
+        params.append(("X-Amz-Security-Token", credentials.session_token))
+    extra = "&".join("%s=%s" % (_uri_encode(k), _uri_encode(v)) for k, v in params)
+    query = parts.query + "&" + extra if parts.query else extra
+    signed_url = parts._replace(query=query).geturl()
+    canonical, _ = canonical_request(
+        method, signed_url, {"host": _host_header(parts)}, UNSIGNED_PAYLOAD, service
+    )
+    key = signing_key(credentials.secret_key, amz_date[:8], region, service)
+    sig = signature(key, string_to_sign(amz_date, scope, canonical))
+    return signed_url + "&X-Amz-Signature=" + sig
+
+
+# ============================================================================
+# Addressing
+# ============================================================================
+
+
+def _truthy(value):
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _dns_compatible(bucket):
+    """Whether a bucket name can be a host label (virtual-hosted style).
+    Names with dots work in DNS but break the TLS wildcard certificate."""
+    if not 3 <= len(bucket) <= 63 or "." in bucket:
+        return False
+    return all(c.islower() or c.isdigit() or c == "-" for c in bucket) and bucket[0] != "-" and bucket[-1] != "-"
+
+
+class _Endpoint:
+    """Where requests go: scheme, host, port, and the addressing style."""
+
+    __slots__ = ("scheme", "host", "port", "base_path", "path_style", "aws")
+
+    def __init__(self, endpoint, region, path_style):
+        self.aws = endpoint is None
+        if endpoint is None:
+            suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+            endpoint = "https://s3.%s.%s" % (region, suffix)
+        elif "://" not in endpoint:
+            endpoint = "https://" + endpoint
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("endpoint must be an http:// or https:// URL, got %r" % (endpoint,))
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path.rstrip("/")
+        # Custom endpoints (MinIO, SeaweedFS, R2, ...) default to path style.
+        self.path_style = (not self.aws) if path_style is None else bool(path_style)
+
+    def url(self, bucket, key=None, query=""):
+        quoted_key = "" if key is None else quote(key, safe="/~")
+        host = self.host if ":" not in self.host else "[%s]" % self.host
+        default_port = 443 if self.scheme == "https" else 80
+        port = "" if self.port == default_port else ":%d" % self.port
+        if bucket and not self.path_style and _dns_compatible(bucket):
+            path = "%s/%s" % (self.base_path, quoted_key)
+            netloc = "%s.%s%s" % (bucket, host, port)
+        else:
+            path = "%s/%s" % (self.base_path, quote(bucket, safe="") if bucket else "")
+            if key is not None:
+                path += "/" + quoted_key
+            netloc = host + port
+        url = "%s://%s%s" % (self.scheme, netloc, path or "/")
+        return url + "?" + query if query else url
+
+
+def _query(params):
+    """A query string from (name, value) pairs, encoded as SigV4 canonicalises
+    it, so the signed form and the sent form are the same.  A value of None
+    gives a bare name (`?versioning`)."""
+    out = []
+    for name, value in params:
+        if value is None:
+            out.append(_uri_encode(name))
+        else:
+            out.append("%s=%s" % (_uri_encode(name), _uri_encode(str(value))))
+    return "&".join(out)
+
+
+# ============================================================================
+# Transport: one persistent connection per thread and host
+# ============================================================================
+
+
+class _NotSent(Exception):
+    """The connection could not be opened: the request never left."""
+
+
+class _Proxy:
+    __slots__ = ("host", "port", "auth")
+
+    def __init__(self, url):
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme != "http":
+            raise ValueError("only http:// proxies are supported, got scheme %r" % (parts.scheme,))
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.auth = None
+        if parts.username:
+            import base64
+
+            raw = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
+            self.auth = "Basic " + base64.b64encode(raw.encode("utf-8")).decode("ascii")
+
+    def __repr__(self):  # the userinfo may hold a password
+        return "_Proxy(%s:%d)" % (self.host, self.port)
+
+
+def _env(environ, name):
+    return environ.get(name) or environ.get(name.lower())
+
+
+def _no_proxy_matches(no_proxy, host, port):
+    """curl's NO_PROXY rules: `*`, exact names, domain suffixes (with or
+    without a leading dot), optional `:port`."""
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, _, eport = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if eport and eport != str(port):
+            continue
+        name = name.lstrip(".").strip("[]")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+class _Transport:
+    def __init__(self, *, connect_timeout, read_timeout, verify, ca_bundle, environ):
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._verify = verify
+        self._ca_bundle = ca_bundle or _env(environ, "AWS_CA_BUNDLE") or None
+        self._proxies = {}
+        for scheme in ("http", "https"):
+            url = _env(environ, scheme.upper() + "_PROXY")
+            if url:
+                self._proxies[scheme] = _Proxy(url)
+        self._no_proxy = _env(environ, "NO_PROXY") or ""
+        self._ssl_context = None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _context(self):
+        if self._ssl_context is None:
+            import ssl
+
+            with self._lock:
+                if self._verify:
+                    # ssl's defaults read SSL_CERT_FILE / SSL_CERT_DIR themselves.
+                    ctx = ssl.create_default_context(cafile=self._ca_bundle)
+                else:
+                    ctx = ssl.create_default_context()
+                    ctx.check_hostname = False
+                    ctx.verify_mode = ssl.CERT_NONE
+                self._ssl_context = ctx
+        return self._ssl_context
+
+    def _proxy_for(self, scheme, host, port):
+        proxy = self._proxies.get(scheme)
+        if proxy is None or (self._no_proxy and _no_proxy_matches(self._no_proxy, host, port)):
+            return None
+        return proxy
+
+    def _connect(self, scheme, host, port):
+        proxy = self._proxy_for(scheme, host, port)
+        timeout = self.connect_timeout
+        if scheme == "https":
+            if proxy:
+                conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout, context=self._context())
+                conn.set_tunnel(host, port, headers={"Proxy-Authorization": proxy.auth} if proxy.auth else None)
+            else:
+                conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._context())
+        elif proxy:
+            conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.connect()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise _NotSent(exc) from exc
+        conn.sock.settimeout(self.read_timeout)
+        conn._buquet_proxy = proxy  # an http:// target through a proxy needs an absolute URL
+        return conn
+
+    def send(self, method, url, headers, body):
+        """One HTTP exchange.  Returns (status, headers, body, reused) with
+        lowercase header names.  Raises _NotSent when no connection could be
+        opened, OSError / HTTPException when the exchange broke after the
+        request may have been sent."""
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        port = parts.port or (443 if scheme == "https" else 80)
+        key = (scheme, parts.hostname, port)
+        pool = self._local.__dict__.setdefault("pool", {})
+        conn = pool.get(key)
+        reused = conn is not None and conn.sock is not None
+        if not reused:
+            if conn is not None:
+                conn.close()
+            conn = pool[key] = self._connect(scheme, parts.hostname, port)
+        target = url if (conn._buquet_proxy and scheme == "http") else (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        if conn._buquet_proxy and scheme == "http" and conn._buquet_proxy.auth:
+            headers = dict(headers, **{"proxy-authorization": conn._buquet_proxy.auth})
+        try:
+            conn.request(method, target, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except BaseException:
+            conn.close()
+            pool.pop(key, None)
+            raise
+        rheaders = {k.lower(): v for k, v in resp.getheaders()}
+        if resp.will_close:
+            conn.close()
+            pool.pop(key, None)
+        return resp.status, rheaders, data, reused
+
+    def close(self):
+        for conn in self._local.__dict__.pop("pool", {}).values():
+            conn.close()
+
+
+# ============================================================================
+# Replies: records and XML parsing
+# ============================================================================
+
+
+def _parse_http_date(value):
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed is None or parsed.tzinfo is None:
+        return None
+    return parsed.astimezone(timezone.utc)
+
+
+def _parse_timestamp(value):
+    """ISO 8601 timestamps as S3 writes them in XML
+    (`2009-10-12T17:50:30.000Z`); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        dt = datetime(
+            int(value[0:4]), int(value[5:7]), int(value[8:10]),
+            int(value[11:13]), int(value[14:16]), int(value[17:19]),
+            tzinfo=timezone.utc,
+        )
+    except (ValueError, IndexError):
+        return None
+    if len(value) > 20 and value[19] == ".":
+        digits = value[20:].rstrip("Zz")
+        if digits.isdigit():
+            dt = dt.replace(microsecond=int(digits[:6].ljust(6, "0")))
+    return dt
+
+
+class _Record:
+    """A small value object: slots, keyword construction, repr, equality."""
+
+    __slots__ = ()
+
+    def __init__(self, *args, **kwargs):
+        for name, value in zip(self.__slots__, args):
+            setattr(self, name, value)
+        for name in self.__slots__[len(args):]:
+            setattr(self, name, kwargs.pop(name, None))
+        if kwargs:
+            raise TypeError("unexpected fields: %s" % ", ".join(kwargs))
+
+    def __repr__(self):
+        fields = ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.__slots__ if n != "body")
+        return "%s(%s)" % (type(self).__name__, fields)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None
+
+
+class S3Response(_Record):
+    """A successful reply.  `status` is 304 when a GET with If-None-Match
+    found the object unchanged (then `body` is empty).  `date` is the
+    server's clock (the `Date` header) as an aware UTC datetime."""
+
+    __slots__ = ("status", "headers", "body", "date")
+
+    @property
+    def etag(self):
+        return self.headers.get("etag")
+
+    @property
+    def version_id(self):
+        vid = self.headers.get("x-amz-version-id")
+        return None if vid in (None, "null") else vid
+
+    @property
+    def last_modified(self):
+        return _parse_http_date(self.headers.get("last-modified"))
+
+    @property
+    def content_type(self):
+        return self.headers.get("content-type")
+
+    @property
+    def metadata(self):
+        return {k[11:]: v for k, v in self.headers.items() if k.startswith("x-amz-meta-")}
+
+    @property
+    def not_modified(self):
+        return self.status == 304
+
+
+class S3Object(_Record):
+    """One entry of a ListObjectsV2 page."""
+
+    __slots__ = ("key", "etag", "size", "last_modified")
+
+
+class ListObjectsV2Result(_Record):
+    __slots__ = ("contents", "common_prefixes", "is_truncated", "next_continuation_token", "key_count", "date")
+
+    @property
+    def keys(self):
+        return [obj.key for obj in self.contents]
+
+
+class ObjectVersion(_Record):
+    """One version or delete marker from ListObjectVersions."""
+
+    __slots__ = ("key", "version_id", "is_latest", "is_delete_marker", "etag", "size", "last_modified")
+
+
+class ListObjectVersionsResult(_Record):
+    __slots__ = ("versions", "date")
+
+
+def _xml_root(body):
+    import xml.etree.ElementTree as ET  # noqa: N817 - only replies with XML pay for it
+
+    root = ET.fromstring(body)
+    # Drop namespaces: S3 answers with one, compatible servers sometimes not.
+    for elem in root.iter():
+        if isinstance(elem.tag, str) and "}" in elem.tag:
+            elem.tag = elem.tag.rsplit("}", 1)[1]
+    return root
+
+
+def _text(elem, name, default=None):
+    child = elem.find(name)
+    if child is None or child.text is None:
+        return default
+    return child.text
+
+
+def _parse_error(status, body):
+    """(code, message, request id) from an error reply, whatever its shape:
+    S3 XML, an HTML page from a proxy, empty, or cut short."""
+    default_code = {
+        301: "PermanentRedirect", 304: "NotModified", 400: "BadRequest",
+        403: "AccessDenied", 404: "NotFound", 405: "MethodNotAllowed",
+        409: "Conflict", 412: "PreconditionFailed", 416: "InvalidRange",
+        500: "InternalError", 501: "NotImplemented", 502: "BadGateway",
+        503: "ServiceUnavailable", 504: "GatewayTimeout",
+    }.get(status, "HTTP%d" % status)
+    text = body[:_MAX_ERROR_BODY].decode("utf-8", "replace").strip() if body else ""
+    if text.startswith("<?xml") or text.startswith("<Error"):
+        try:
+            root = _xml_root(body[:_MAX_ERROR_BODY])
+        except Exception:  # truncated or malformed: fall through to plain text
+            pass
+        else:
+            err = root if root.tag == "Error" else root.find("Error")
+            if err is not None:
+                code = _text(err, "Code") or default_code
+                message = _text(err, "Message") or code
+                return code, " ".join(message.split()), _text(err, "RequestId")
+    if not text:
+        return default_code, "empty error reply", None
+    if "<html" in text[:200].lower() or text.startswith("<"):
+        return default_code, "non-S3 error reply (HTML); a proxy or a wrong endpoint?", None
+    first = " ".join(text.split())
+    return default_code, first[:200], None
+
+
+def _parse_list_objects_v2(body, date):
+    root = _xml_root(body)
+    decode = unquote_plus if _text(root, "EncodingType") == "url" else str
+    contents = []
+    for item in root.iter("Contents"):
+        size = _text(item, "Size")
+        contents.append(S3Object(
+            decode(_text(item, "Key", "")),
+            _text(item, "ETag"),
+            int(size) if size and size.isdigit() else None,
+            _parse_timestamp(_text(item, "LastModified")),
+        ))
+    prefixes = [decode(_text(p, "Prefix", "")) for p in root.iter("CommonPrefixes")]
+    key_count = _text(root, "KeyCount")
+    return ListObjectsV2Result(
+        contents,
+        prefixes,
+        _text(root, "IsTruncated", "false").strip().lower() == "true",
+        _text(root, "NextContinuationToken"),
+        int(key_count) if key_count and key_count.isdigit() else len(contents),
+        date,
+    )
+
+
+def _parse_list_object_versions(body):
+    """(versions, is_truncated, next key marker, next version marker)."""
+    root = _xml_root(body)
+    decode = unquote_plus if _text(root, "EncodingType") == "url" else str
+    versions = []
+    for item in root:
+        if item.tag not in ("Version", "DeleteMarker"):
+            continue
+        size = _text(item, "Size")
+        versions.append(ObjectVersion(
+            decode(_text(item, "Key", "")),
+            _text(item, "VersionId"),
+            _text(item, "IsLatest", "false").strip().lower() == "true",
+            item.tag == "DeleteMarker",
+            _text(item, "ETag"),
+            int(size) if size and size.isdigit() else None,
+            _parse_timestamp(_text(item, "LastModified")),
+        ))
+    truncated = _text(root, "IsTruncated", "false").strip().lower() == "true"
+    key_marker = _text(root, "NextKeyMarker")
+    return versions, truncated, key_marker and decode(key_marker), _text(root, "NextVersionIdMarker")
+
+
+def _parse_versioning(body):
+    # Lenient about the root element: moto answers GetBucketVersioningResponse
+    # where AWS answers VersioningConfiguration.
+    if not body or not body.strip():
+        return None
+    root = _xml_root(body)
+    for elem in root.iter():
+        if elem.tag == "Status" and elem.text:
+            return elem.text.strip()
+    return None
+
+
+# ============================================================================
+# The client
+# ============================================================================
+
+
+class S3Client:
+    """A small S3 client: the calls a task queue needs, named after the S3 API.
+
+    Thread-safe: each thread keeps its own persistent connection per host.
+    Creating a client performs no network request.
+
+    Arguments (all keyword-only):
+      endpoint: URL of an S3-compatible service; default AWS S3 in `region`
+        (also `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
+      region: signing region; default from `resolve_region`, else us-east-1.
+      credentials: `Credentials`, or an object with `get()` returning them
+        (a refreshing provider); default `resolve_credentials(profile=...)`.
+      path_style: force path-style (True) or virtual-hosted (False) URLs;
+        default: path style for custom endpoints (or `S3_FORCE_PATH_STYLE`),
+        virtual-hosted on AWS.
+      connect_timeout, read_timeout: seconds.
+      max_attempts: tries per request, including the first.
+      verify: TLS verification (on by default); ca_bundle: a CA file
+        (default `AWS_CA_BUNDLE`, then the system's / `SSL_CERT_FILE`).
+      on_reply: optional callable(date, sent_monotonic, received_monotonic)
+        called for every reply that carried a `Date` header, errors included;
+        a queue uses it to follow the server's clock.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint=None,
+        region=None,
+        credentials=None,
+        profile=None,
+        path_style=None,
+        connect_timeout=5.0,
+        read_timeout=30.0,
+        max_attempts=5,
+        backoff_base=0.1,
+        backoff_cap=5.0,
+        verify=True,
+        ca_bundle=None,
+        environ=None,
+        on_reply=None,
+        sleep=time.sleep,
+        rand=random.random,
+    ):
+        environ = os.environ if environ is None else environ
+        if endpoint is None:
+            endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or None
+        self.region = region or resolve_region(profile, environ) or DEFAULT_REGION
+        if path_style is None and _truthy(environ.get("S3_FORCE_PATH_STYLE", "")):
+            path_style = True
+        self._endpoint = _Endpoint(endpoint, self.region, path_style)
+        if credentials is None:
+            credentials = resolve_credentials(profile=profile, environ=environ)
+        self._credentials = credentials
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1, got %r" % (max_attempts,))
+        self.max_attempts = int(max_attempts)
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._transport = _Transport(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            verify=verify,
+            ca_bundle=ca_bundle,
+            environ=environ,
+        )
+        self._on_reply = on_reply
+        self._sleep = sleep
+        self._rand = rand
+        # Local clock minus server clock, learnt from RequestTimeTooSkewed
+        # replies so that signing keeps working on a host with a bad clock.
+        self._skew = timedelta(0)
+
+    def __repr__(self):
+        ep = self._endpoint
+        return "S3Client(endpoint=%r, region=%r, path_style=%r)" % (
+            "%s://%s:%d%s" % (ep.scheme, ep.host, ep.port, ep.base_path),
+            self.region,
+            ep.path_style,
+        )
+
+    @property
+    def endpoint_url(self):
+        ep = self._endpoint
+        return "%s://%s:%d%s" % (ep.scheme, ep.host, ep.port, ep.base_path)
+
+    def credentials(self):
+        """The credentials the next request will be signed with."""
+        creds = self._credentials
+        return creds.get() if hasattr(creds, "get") else creds
+
+    def close(self):
+        """Close this thread's connections."""
+        self._transport.close()
+
+    # -- the request loop ---------------------------------------------------
+
+    def _backoff(self, attempt):
+        # Full jitter (AWS architecture blog): spreads retries of many clients.
+        return self._rand() * min(self._backoff_cap, self._backoff_base * (2 ** attempt))
+
+    def _request(self, method, bucket, key=None, params=(), headers=None, body=b"", ok=(200,)):
+        query = _query(params)
+        url = self._endpoint.url(bucket, key, query)
+        headers = dict(headers or ())
+        payload_hash = _sha256_hex(body) if body else EMPTY_SHA256
+        conditional = "if-match" in headers or "if-none-match" in headers
+        conditional_write = conditional and method in ("PUT", "DELETE", "POST")
+        may_have_applied = False
+        last_exc = None
+        attempt = 0
+        free_retry = True
+        while True:
+            attempt += 1
+            signed = sign(
+                method, url, headers, payload_hash, self.credentials(), self.region,
+                now=datetime.now(timezone.utc) - self._skew,
+            )
+            signed["user-agent"] = _USER_AGENT
+            if body or method in ("PUT", "POST"):
+                signed["content-length"] = str(len(body))
+            sent = time.monotonic()
+            try:
+                status, rheaders, rbody, reused = self._transport.send(method, url, signed, body or None)
+            except _NotSent as exc:
+                last_exc = exc.__cause__ or exc
+                reused = False
+            except (OSError, http.client.HTTPException) as exc:
+                last_exc = exc
+                may_have_applied = True
+                if free_retry and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                    # A kept-alive connection the server had already closed:
+                    # try once more at once on a fresh one.
+                    free_retry = False
+                    attempt -= 1
+                    continue
+            else:
+                date = _parse_http_date(rheaders.get("date"))
+                if date is not None and self._on_reply is not None:
+                    self._on_reply(date, sent, time.monotonic())
+                if status in ok:
+                    return S3Response(status, rheaders, rbody, date)
+                code, message, request_id = _parse_error(status, rbody)
+                err_args = dict(status=status, code=code, method=method, bucket=bucket, key=key,
+                                request_id=request_id or rheaders.get("x-amz-request-id"), date=date)
+                retryable = status in _RETRY_STATUSES or code in _RETRY_CODES
+                if code == "RequestTimeTooSkewed" and date is not None:
+                    self._skew = datetime.now(timezone.utc) - date
+                if retryable and attempt < self.max_attempts:
+                    if not (status == 503 or code == "SlowDown"):
+                        may_have_applied = True
+                    self._sleep(self._backoff(attempt))
+                    continue
+                raise self._error(status, code, message, err_args, conditional_write, may_have_applied)
+            if attempt >= self.max_attempts:
+                raise TransportError(
+                    "no reply after %d attempts: %s" % (attempt, _describe(last_exc)),
+                    code=type(last_exc).__name__, method=method, bucket=bucket, key=key,
+                ) from last_exc
+            self._sleep(self._backoff(attempt))
+
+    @staticmethod
+    def _error(status, code, message, err_args, conditional_write, may_have_applied):
+        lost = status == 412 or (status == 409 and code == "ConditionalRequestConflict")
+        if conditional_write and status == 404 and code in ("NoSuchKey", "NotFound"):
+            lost = True
+        if conditional_write and lost:
+            if may_have_applied:
+                return UncertainWriteError(
+                    "conditional write retried after a broken attempt, and the retry lost: "
+                    "the first attempt may have been applied; re-read to decide", **err_args)
+            return ConflictError("precondition failed: " + message, **err_args)
+        if status == 404 and code in ("NoSuchKey", "NotFound"):
+            return NoSuchKey(message, **err_args)
+        return S3Error(message, **err_args)
+
+    # -- objects --------------------------------------------------------------
+
+    def put_object(self, bucket, key, body=b"", *, if_match=None, if_none_match=None,
+                   content_type=None, metadata=None):
+        """PutObject.  `if_match` is an ETag (compare-and-swap); `if_none_match`
+        may only be "*" (create only: AWS answers 501 to anything else).
+        Raises ConflictError when the condition fails."""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        headers = {}
+        if if_match is not None:
+            headers["if-match"] = if_match
+        if if_none_match is not None:
+            if if_none_match != "*":
+                raise ValueError("put_object(): if_none_match must be '*', got %r" % (if_none_match,))
+            headers["if-none-match"] = "*"
+        if content_type:
+            headers["content-type"] = content_type
+        for name, value in (metadata or {}).items():
+            headers["x-amz-meta-" + name.lower()] = str(value)
+        return self._request("PUT", bucket, key, headers=headers, body=body)
+
+    def get_object(self, bucket, key, *, version_id=None, if_none_match=None, range=None):
+        """GetObject.  With `if_none_match` (an ETag) an unchanged object
+        answers status 304 with an empty body.  Raises NoSuchKey."""
+        headers = {}
+        if if_none_match is not None:
+            headers["if-none-match"] = if_none_match
+        if range is not None:
+            headers["range"] = range
+        params = [("versionId", version_id)] if version_id else ()
+        return self._request("GET", bucket, key, params=params, headers=headers, ok=(200, 206, 304))
+
+    def head_object(self, bucket, key, *, version_id=None):
+        params = [("versionId", version_id)] if version_id else ()
+        return self._request("HEAD", bucket, key, params=params)
+
+    def delete_object(self, bucket, key, *, if_match=None, version_id=None):
+        """DeleteObject (204 whether or not the key existed).  Conditional
+        delete (`if_match`) is not portable: some servers ignore it."""
+        headers = {"if-match": if_match} if if_match is not None else None
+        params = [("versionId", version_id)] if version_id else ()
+        return self._request("DELETE", bucket, key, params=params, headers=headers, ok=(200, 204))
+
+    # -- listing --------------------------------------------------------------
+
+    def list_objects_v2(self, bucket, *, prefix="", start_after=None, continuation_token=None,
+                        max_keys=1000, delimiter=None):
+        """One page of ListObjectsV2, keys in ascending UTF-8 byte order.
+        Keys are requested URL-encoded (XML 1.0 cannot carry every key) and
+        decoded here."""
+        params = [("list-type", "2"), ("encoding-type", "url")]
+        if prefix:
+            params.append(("prefix", prefix))
+        if start_after:
+            params.append(("start-after", start_after))
+        if continuation_token:
+            params.append(("continuation-token", continuation_token))
+        if delimiter:
+            params.append(("delimiter", delimiter))
+        params.append(("max-keys", str(int(max_keys))))
+        params.sort()
+        resp = self._request("GET", bucket, params=params)
+        return _parse_list_objects_v2(resp.body, resp.date)
+
+    def list_object_versions(self, bucket, *, prefix=""):
+        """Every version and delete marker under `prefix`, all pages
+        followed, newest first per key as S3 orders them."""
+        versions = []
+        key_marker = version_marker = None
+        date = None
+        while True:
+            params = [("versions", None), ("encoding-type", "url")]
+            if prefix:
+                params.append(("prefix", prefix))
+            if key_marker:
+                params.append(("key-marker", key_marker))
+            if version_marker:
+                params.append(("version-id-marker", version_marker))
+            params.sort()
+            resp = self._request("GET", bucket, params=params)
+            date = resp.date
+            page, truncated, key_marker, version_marker = _parse_list_object_versions(resp.body)
+            versions.extend(page)
+            if not truncated or not (key_marker or version_marker):
+                return ListObjectVersionsResult(versions, date)
+
+    # -- buckets --------------------------------------------------------------
+
+    def create_bucket(self, bucket):
+        body = b""
+        if self.region != DEFAULT_REGION:
+            body = (
+                '<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                "<LocationConstraint>%s</LocationConstraint></CreateBucketConfiguration>" % self.region
+            ).encode("utf-8")
+        return self._request("PUT", bucket, body=body)
+
+    def get_bucket_versioning(self, bucket):
+        """'Enabled', 'Suspended', or None for a bucket never versioned."""
+        resp = self._request("GET", bucket, params=[("versioning", None)])
+        return _parse_versioning(resp.body)
+
+    def put_bucket_versioning(self, bucket, status="Enabled"):
+        if status not in ("Enabled", "Suspended"):
+            raise ValueError("versioning status must be 'Enabled' or 'Suspended', got %r" % (status,))
+        body = (
+            '<VersioningConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            "<Status>%s</Status></VersioningConfiguration>" % status
+        ).encode("utf-8")
+        md5 = hashlib.md5(body).digest()
+        import base64
+
+        headers = {"content-md5": base64.b64encode(md5).decode("ascii")}
+        return self._request("PUT", bucket, params=[("versioning", None)], headers=headers, body=body)
+
+
+def _describe(exc):
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return "%s: %s" % (type(exc).__name__, text) if text != type(exc).__name__ else text
