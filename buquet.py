@@ -614,10 +614,12 @@ def transition(doc, event, now, *, lease_id=None, **args):
     allowed, target = TRANSITIONS[event]
     status = doc.get("status", "pending")
     task_id = doc.get("id")
-    if status not in allowed:
-        raise InvalidTransition(task_id, status, event, allowed)
+    # The lease first: to a worker whose lease ran out, "your lease is gone"
+    # is the useful answer, whatever became of the task since.
     if event in _LEASED and doc.get("lease_id") != lease_id:
         raise LeaseMismatch(task_id, lease_id)
+    if status not in allowed:
+        raise InvalidTransition(task_id, status, event, allowed)
     ts = format_timestamp(now)
     new = dict(doc)
     new["status"] = target
@@ -976,3 +978,889 @@ class S3Store:
         except self._sigv4.S3Error as exc:
             raise self._wrap(exc) from None
         return Blob(r.body, r.etag)
+
+
+# ============================================================================
+# The queue
+# ============================================================================
+
+_log = None
+
+
+def _warn(message, *args):
+    global _log
+    if _log is None:
+        import logging  # only when there is something to say
+
+        _log = logging.getLogger("buquet")
+    _log.warning(message, *args)
+
+
+class History(list):
+    """Versions of a task, newest first.  `versioned` is False when the
+    bucket keeps no versions: then the list holds only the current state and
+    `note` says why."""
+
+    versioned = True
+    note = None
+
+
+def _seconds(value, name):
+    """Seconds from an int, a float or a timedelta; ValueError naming the
+    argument otherwise."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError("%s must be a number of seconds or a timedelta, got %r" % (name, value))
+    return float(value)
+
+
+def _instant(value, name):
+    if isinstance(value, str):
+        try:
+            return parse_timestamp(value)
+        except ValueError:
+            raise ValueError("%s must be an RFC 3339 timestamp with an offset (2026-01-28T09:00:00Z), got %r"
+                             % (name, value)) from None
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ValueError("%s must be an aware datetime or an RFC 3339 string, got %r" % (name, value))
+    return value.astimezone(timezone.utc)
+
+
+def _uint(value, name, minimum=0, limit=_U32):
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= limit:
+        raise ValueError("%s must be an integer %d..%d, got %r" % (name, minimum, limit, value))
+    return value
+
+
+def _check_json(value, name):
+    """The value's compact JSON, or ValueError naming where it is not JSON."""
+    def walk(v, path):
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise ValueError("%s: object keys must be strings, got %r at %s" % (name, k, path))
+                walk(item, "%s[%r]" % (path, k))
+        elif isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                walk(item, "%s[%d]" % (path, i))
+        elif isinstance(v, bool) or v is None or isinstance(v, str):
+            pass
+        elif isinstance(v, int):
+            if not -2 ** 63 <= v <= _U64:
+                raise ValueError("%s: integer out of the 64-bit range at %s" % (name, path))
+        elif isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ValueError("%s: %r at %s is not valid JSON" % (name, v, path))
+        else:
+            raise ValueError("%s must be JSON-serialisable: %s at %s is not" % (name, type(v).__name__, path))
+    walk(value, name)
+    return dumps(value)
+
+
+def _check_name(value, name):
+    if not isinstance(value, str) or not value.strip() or "/" in value or any(ord(c) < 32 for c in value):
+        raise ValueError("%s must be a non-empty string without '/' or control characters, got %r" % (name, value))
+    return value
+
+
+def _task_id(value):
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError("task id must be a UUID, got %r" % (value,)) from None
+
+
+class Queue:
+    """Every task operation, over one store (S3, a local directory, memory).
+
+    Thread-safe.  Methods that change a claimed task take the Task the claim
+    returned and check its lease, so a worker whose lease expired cannot
+    overwrite a newer attempt.  A lost race is never an exception to the
+    caller of claim_next: it just claims nothing."""
+
+    def __init__(self, store, *, shard_prefix_len=SHARD_PREFIX_LEN, rand=None, max_threads=16):
+        self.store = store
+        self.shard_prefix_len = min(max(int(shard_prefix_len), 1), 4)
+        self.shards = all_shards(self.shard_prefix_len)
+        self._rand = rand or random.random
+        self._max_threads = max_threads
+        self._pool = None
+        self._pool_lock = threading.Lock()
+        self._versioned = None
+        self.skipped = {}  # key -> reason, for documents that could not be read
+        # Index upkeep after a transition goes through this hook; a worker
+        # swaps in a background runner to keep it off the handler's path.
+        self.run_index_ops = self._index_now
+
+    def __repr__(self):
+        return "Queue(%r)" % (self.store,)
+
+    def __await__(self):
+        # `queue = await connect()` (the seed's async form) awaits the queue itself.
+        return self
+        yield  # pragma: no cover - makes this a generator
+
+    # -- plumbing --------------------------------------------------------------
+
+    def now(self):
+        """The store's clock: S3's time for the S3 store."""
+        return self.store.now()
+
+    def _executor(self):
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._pool = ThreadPoolExecutor(self._max_threads, thread_name_prefix="buquet")
+        return self._pool
+
+    def _map(self, fn, items):
+        items = list(items)
+        if len(items) <= 1:
+            return [fn(i) for i in items]
+        return list(self._executor().map(fn, items))
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _read(self, key):
+        """(Task, None) / (None, None) when absent / (None, reason) when the
+        document cannot be read (reported, never fatal)."""
+        blob = self.store.get(key)
+        if blob is None:
+            return None, None
+        try:
+            return decode_task(blob.body, blob.etag, key), None
+        except InvalidTaskDocument as exc:
+            reason = str(exc)
+            if self.skipped.get(key) != reason:
+                _warn("skipping unreadable task document %s: %s", key, reason)
+            self.skipped[key] = reason
+            return None, reason
+
+    def _key_for(self, task_id):
+        return task_key(shard_of(task_id, self.shard_prefix_len), task_id)
+
+    def _index_now(self, puts, deletes):
+        for key in puts:
+            try:
+                self.store.put(key, b"")
+            except BuquetError as exc:  # best effort: the sweeper repairs
+                _warn("index write %s failed: %s", key, exc)
+        for key in deletes:
+            try:
+                self.store.delete(key)
+            except BuquetError as exc:
+                _warn("index delete %s failed: %s", key, exc)
+
+    def _reindex(self, old_doc, new_doc, also_delete=()):
+        old = set(index_keys(old_doc)) if old_doc else set()
+        old.update(also_delete)
+        new = index_keys(new_doc)
+        puts = [k for k in new if k not in old]
+        deletes = sorted(k for k in old if k not in new)
+        if puts or deletes:
+            self.run_index_ops(puts, deletes)
+
+    def _write(self, task, event, *, lease_id=None, also_delete=(), attempts=8, **args):
+        """Apply `event` to `task` with compare-and-swap; on a lost race
+        re-read and re-apply (the transition re-checks state and lease), up
+        to `attempts` writes.  Returns the new Task."""
+        current = task
+        for _ in range(attempts):
+            new_doc = transition(current.doc, event, self.now(), lease_id=lease_id, **args)
+            body = encode_task(new_doc)
+            try:
+                etag = self.store.put(current.key, body, if_match=current.etag)
+            except UncertainWrite:
+                latest, _ = self._read(current.key)
+                if latest is not None and encode_task(latest.doc) == body:
+                    etag = latest.etag
+                else:
+                    current = self._reread(current)
+                    continue
+            except ConflictError:
+                current = self._reread(current)
+                continue
+            self._reindex(current.doc, new_doc, also_delete)
+            return Task(new_doc, etag, current.key)
+        raise ConflictError("task %s changed under %s %d times; gave up" % (task.doc["id"], event, attempts))
+
+    def _reread(self, task):
+        latest, reason = self._read(task.key)
+        if latest is None:
+            if reason:
+                raise InvalidTaskDocument("task %s: %s" % (task.doc["id"], reason))
+            raise TaskNotFound(task.doc["id"])
+        return latest
+
+    def _load(self, task_or_id):
+        if isinstance(task_or_id, Task):
+            return self._reread(task_or_id)
+        task_id = _task_id(task_or_id)
+        task, reason = self._read(self._key_for(task_id))
+        if task is None:
+            if reason:
+                raise InvalidTaskDocument("task %s: %s" % (task_id, reason))
+            raise TaskNotFound(task_id)
+        return task
+
+    # -- submit ----------------------------------------------------------------
+
+    def _new_document(self, task_type, input, *, delay=None, at=None, ttl=None, expires_at=None,
+                      timeout=DEFAULT_TIMEOUT, max_retries=DEFAULT_MAX_RETRIES, retry_policy=None,
+                      max_reschedules=None):
+        """Validate every option (no request is made) and return a function
+        of (task id, now) that builds the document."""
+        _check_name(task_type, "task_type")
+        _check_json(input, "input")
+        if delay is not None and at is not None:
+            raise ValueError("give either delay or at, not both")
+        if ttl is not None and expires_at is not None:
+            raise ValueError("give either ttl or expires_at, not both")
+        delay_s = None if delay is None else _seconds(delay, "delay")
+        if delay_s is not None and delay_s < 0:
+            raise ValueError("delay must not be negative, got %r" % (delay,))
+        at_dt = None if at is None else _instant(at, "at")
+        ttl_s = None if ttl is None else _seconds(ttl, "ttl")
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError("ttl must be positive (a TTL in the past expires the task at once), got %r" % (ttl,))
+        exp_dt = None if expires_at is None else _instant(expires_at, "expires_at")
+        if exp_dt is not None and exp_dt <= _utc_now():
+            raise ValueError("expires_at is in the past: %s" % format_timestamp(exp_dt))
+        _uint(timeout, "timeout", 1, _U64)
+        _uint(max_retries, "max_retries")
+        if max_reschedules is not None:
+            _uint(max_reschedules, "max_reschedules")
+        if retry_policy is None:
+            policy = dict(DEFAULT_RETRY_POLICY)
+        elif isinstance(retry_policy, RetryPolicy):
+            policy = retry_policy.to_dict()
+        elif isinstance(retry_policy, dict):
+            policy = RetryPolicy(**retry_policy).to_dict()
+        else:
+            raise ValueError("retry_policy must be a RetryPolicy or a dict, got %r" % (retry_policy,))
+
+        def build(task_id, now):
+            available = now
+            if delay_s is not None:
+                available = now + timedelta(seconds=delay_s)
+            elif at_dt is not None:
+                available = at_dt
+            ts = format_timestamp(now)
+            doc = {
+                "id": task_id, "shard": shard_of(task_id, self.shard_prefix_len), "task_type": task_type,
+                "input": input, "output": None, "timeout_seconds": timeout, "max_retries": max_retries,
+                "retry_count": 0, "retry_policy": policy, "status": "pending", "created_at": ts,
+                "available_at": format_timestamp(available), "lease_expires_at": None, "lease_id": None,
+                "attempt": 0, "updated_at": ts, "completed_at": None, "worker_id": None, "last_error": None,
+                "reschedule_count": 0, "max_reschedules": max_reschedules, "cancel_requested": False,
+            }
+            if ttl_s is not None:
+                doc["expires_at"] = format_timestamp(now + timedelta(seconds=ttl_s))
+            elif exp_dt is not None:
+                doc["expires_at"] = format_timestamp(exp_dt)
+            return _ordered(doc)
+
+        return build
+
+    def submit(self, task_type, input=None, *, delay=None, at=None, ttl=None, expires_at=None,
+               timeout=DEFAULT_TIMEOUT, max_retries=DEFAULT_MAX_RETRIES, retry_policy=None,
+               idempotency_key=None, idempotency_scope=None, idempotency_ttl_days=IDEMPOTENCY_TTL_DAYS,
+               max_reschedules=None):
+        """Submit a task; returns it (pending).  Costs two PUTs (task, ready
+        index), plus one for an idempotency record.
+
+        delay / at: not claimable before now + delay (seconds or timedelta)
+        or the instant `at`.  ttl / expires_at: expire if not claimed by then.
+        timeout: lease seconds per attempt.  max_retries: retries after the
+        first attempt.  idempotency_key: one key never yields two tasks (for
+        `idempotency_ttl_days`), even with processes racing; reusing it with a
+        different input raises IdempotencyConflict."""
+        build = self._new_document(
+            task_type, input, delay=delay, at=at, ttl=ttl, expires_at=expires_at, timeout=timeout,
+            max_retries=max_retries, retry_policy=retry_policy, max_reschedules=max_reschedules)
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError("idempotency_key must be a non-empty string, got %r" % (idempotency_key,))
+            scope = self._scope(idempotency_scope, task_type)
+            _uint(idempotency_ttl_days, "idempotency_ttl_days", 1)
+            return self._submit_idempotent(build, task_type, input, idempotency_key, scope, idempotency_ttl_days)
+        doc = build(str(uuid.uuid4()), self.now())
+        return self._create(doc)
+
+    @staticmethod
+    def _scope(scope, task_type):
+        if scope in (None, "task_type", "TaskType"):
+            return task_type
+        if scope in ("queue", "Queue"):
+            return "queue"
+        return _check_name(scope, "idempotency_scope")
+
+    def _create(self, doc):
+        key = task_key(doc["shard"], doc["id"])
+        body = encode_task(doc)
+        try:
+            etag = self.store.put(key, body, if_none_match=True)
+        except (ConflictError, UncertainWrite) as exc:
+            existing, _ = self._read(key)
+            if existing is not None and isinstance(exc, UncertainWrite) and encode_task(existing.doc) == body:
+                etag = existing.etag
+            elif existing is not None:
+                return existing  # created by a racer with the same (record-given) id
+            else:
+                raise
+        self._reindex(None, doc)
+        return Task(doc, etag, key)
+
+    def _submit_idempotent(self, build, task_type, input, key, scope, ttl_days):
+        """The original's record format and key, with one change that makes
+        a second task impossible: a racer that finds the record but not yet
+        its task creates the task itself, *with the record's task id* and
+        If-None-Match, so at most one task can ever exist per record."""
+        record_key, key_hash = idempotency_key(scope, key)
+        input_hash = sha256_tag(canonical_json(input))
+        now = self.now()
+        doc = build(str(uuid.uuid4()), now)
+
+        def record_for(d, at):
+            return dumps({
+                "key": key, "key_hash": key_hash, "task_id": d["id"], "task_key": task_key(d["shard"], d["id"]),
+                "created_at": format_timestamp(at), "expires_at": format_timestamp(at + timedelta(days=ttl_days)),
+                "task_type": task_type, "input_hash": input_hash,
+            }).encode("utf-8")
+
+        write = {"if_none_match": True}
+        for _ in range(8):
+            try:
+                self.store.put(record_key, record_for(doc, now), **write)
+                return self._create(doc)
+            except (ConflictError, UncertainWrite):
+                pass
+            blob = self.store.get(record_key)
+            if blob is None:
+                write = {"if_none_match": True}
+                continue
+            try:
+                record = json.loads(blob.body)
+                expired = parse_timestamp(record["expires_at"]) < self.now()
+                record_task_id = _task_id(record["task_id"])
+                record_task_key = record.get("task_key") or self._key_for(record_task_id)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IdempotencyConflict("idempotency record %s is unreadable (%s); delete it to reuse the key"
+                                          % (record_key, exc)) from None
+            if record_task_id == doc["id"]:
+                return self._create(doc)  # our own write, reported uncertain
+            if expired:
+                now = self.now()
+                doc = build(doc["id"], now)
+                write = {"if_match": blob.etag}
+                continue
+            if record.get("input_hash") != input_hash:
+                raise IdempotencyConflict(
+                    "Idempotency conflict: key %r was used with different input (existing task %s)"
+                    % (key, record_task_id))
+            existing, _ = self._read(record_task_key)
+            if existing is not None:
+                return existing
+            # The record's creator has not written its task yet (or died):
+            # write it under the record's id; If-None-Match picks one writer.
+            now = self.now()
+            taken = build(record_task_id, now)
+            taken["shard"] = record_task_key.split("/")[1]
+            return self._create(taken)
+        raise ConflictError("idempotency record %s keeps changing; gave up" % record_key)
+
+    def submit_many(self, tasks):
+        """Submit many tasks with overlapping requests (threads).  `tasks`
+        holds (task_type, input) pairs or dicts of submit's arguments.  Every
+        item is validated before the first request; returns the Tasks in
+        order."""
+        calls = []
+        for i, item in enumerate(tasks):
+            if isinstance(item, dict):
+                kwargs = dict(item)
+                try:
+                    args = (kwargs.pop("task_type"), kwargs.pop("input", None))
+                except KeyError:
+                    raise ValueError("submit_many: item %d has no task_type" % i) from None
+            else:
+                try:
+                    args, kwargs = tuple(item), {}
+                except TypeError:
+                    raise ValueError("submit_many: item %d must be (task_type, input) or a dict, got %r"
+                                     % (i, item)) from None
+            if kwargs.get("idempotency_key") is None:
+                self._new_document(*args, **{k: v for k, v in kwargs.items() if not k.startswith("idempotency")})
+            calls.append((args, kwargs))
+        return self._map(lambda c: self.submit(*c[0], **c[1]), calls)
+
+    # -- reading ---------------------------------------------------------------
+
+    def get(self, task_id):
+        """The task, or None when there is none with this id."""
+        task_id = _task_id(task_id)
+        task, reason = self._read(self._key_for(task_id))
+        if reason:
+            raise InvalidTaskDocument("task %s: %s" % (task_id, reason))
+        return task
+
+    def load_input(self, task):
+        """The task's input, fetched from its payload object when offloaded."""
+        ref = task.doc.get("input_ref")
+        if not ref:
+            return task.doc.get("input")
+        blob = self.store.get(ref)
+        if blob is None:
+            raise StoreError("payload %s of task %s is missing" % (ref, task.doc["id"]))
+        return json.loads(blob.body)
+
+    def load_output(self, task):
+        ref = task.doc.get("output_ref")
+        if not ref:
+            return task.doc.get("output")
+        blob = self.store.get(ref)
+        if blob is None:
+            raise StoreError("payload %s of task %s is missing" % (ref, task.doc["id"]))
+        return json.loads(blob.body)
+
+    def _check_shard(self, shard):
+        if shard not in self.shards:
+            raise ValueError("shard must be one of %s..%s, got %r" % (self.shards[0], self.shards[-1], shard))
+        return shard
+
+    def list(self, shard, status=None, task_type=None, limit=100):
+        """Up to `limit` tasks of a shard, in id order, filtered by status and
+        task type.  Unreadable documents are skipped (see `skipped`)."""
+        self._check_shard(shard)
+        if status is not None and status not in STATUSES:
+            raise ValueError("status must be one of %s, got %r" % (", ".join(STATUSES), status))
+        _uint(limit, "limit", 1, 10 ** 9)
+        out = []
+        start = None
+        while len(out) < limit:
+            page = max(limit - len(out), 100) if (status or task_type) else limit - len(out)
+            keys, truncated = self.store.list("tasks/%s/" % shard, start_after=start, limit=min(page, 1000))
+            keys = [k for k in keys if k.endswith(".json")]
+            for task, _ in self._map(self._read, keys):
+                if task is None:
+                    continue
+                if status is not None and task.doc.get("status", "pending") != status:
+                    continue
+                if task_type is not None and task.doc.get("task_type") != task_type:
+                    continue
+                out.append(task)
+                if len(out) >= limit:
+                    break
+            if not truncated or not keys:
+                break
+            start = keys[-1]
+        return out
+
+    def list_ready(self, shard, limit=100):
+        """Ids of tasks in a shard's ready index whose minute has come
+        (hints: a claim re-checks the task)."""
+        self._check_shard(shard)
+        now_bucket = minute_bucket(self.now())
+        keys, _ = self.store.list("ready/%s/" % shard, limit=limit)
+        out = []
+        for key in keys:
+            parsed = parse_index_key(key)
+            if parsed and parsed[1] <= now_bucket:
+                out.append(parsed[2])
+        return out
+
+    def versioning(self):
+        """Whether the store keeps object versions (asked once)."""
+        if self._versioned is None:
+            probe = getattr(self.store, "versioning", None)
+            if probe is not None:
+                self._versioned = probe() == "Enabled"
+            else:
+                self._versioned = bool(getattr(self.store, "versioned", False))
+        return self._versioned
+
+    def history(self, task_id):
+        """Every version of the task, newest first (a History list).  On a
+        bucket without versioning: only the current state, with a note."""
+        task_id = _task_id(task_id)
+        key = self._key_for(task_id)
+        out = History()
+        if not self.versioning():
+            current = self.get(task_id)
+            if current is None:
+                raise TaskNotFound(task_id)
+            out.append(current)
+            out.versioned = False
+            out.note = "the bucket keeps no object versions: only the current state is known"
+            return out
+        for version in self.store.versions(key):
+            if version.is_delete_marker:
+                continue
+            blob = self.store.get_version(key, version.version_id)
+            if blob is None:
+                continue
+            try:
+                out.append(decode_task(blob.body, blob.etag, key))
+            except InvalidTaskDocument as exc:
+                _warn("skipping unreadable version %s of %s: %s", version.version_id, key, exc)
+        if not out:
+            raise TaskNotFound(task_id)
+        return out
+
+    # -- claiming ----------------------------------------------------------------
+
+    def claim(self, task_id, worker_id, task_types=None, *, ready_key=None):
+        """Claim one task by id if it is pending, due, and of a wanted type.
+        Returns the running Task, or None (not claimable, or another worker
+        won).  Costs GET + PUT, then the index moves (lease in, ready out)."""
+        key = self._key_for(task_id)
+        task, _ = self._read(key)
+        if task is None:
+            return None
+        doc = task.doc
+        if task_types is not None and doc["task_type"] not in task_types:
+            return None
+        if doc.get("status", "pending") != "pending":
+            return None
+        now = self.now()
+        if doc.get("expires_at") and now >= parse_timestamp(doc["expires_at"]):
+            try:
+                self._write(task, "expire", also_delete=[ready_key] if ready_key else (), attempts=1)
+            except (BuquetError,) as exc:
+                _warn("could not mark task %s expired: %s", task_id, exc)
+            return None
+        if now < parse_timestamp(doc["available_at"]):
+            return None
+        lease = str(uuid.uuid4())
+        new_doc = transition(doc, "claim", now, worker_id=worker_id, new_lease_id=lease)
+        body = encode_task(new_doc)
+        try:
+            etag = self.store.put(key, body, if_match=task.etag)
+        except ConflictError:
+            return None
+        except UncertainWrite:
+            latest, _ = self._read(key)
+            if latest is None or latest.doc.get("lease_id") != lease:
+                return None
+            etag = latest.etag
+        self._reindex(doc, new_doc, [ready_key] if ready_key else ())
+        return Task(new_doc, etag, key)
+
+    def claim_next(self, shards=None, task_types=None, *, worker_id=None, limit=100):
+        """Claim the first claimable task found in the ready index of the
+        given shards (all by default), or return None."""
+        shards = list(self.shards if shards is None else shards)
+        for s in shards:
+            self._check_shard(s)
+        worker_id = worker_id or "worker-%s" % uuid.uuid4().hex[:8]
+        now_bucket = minute_bucket(self.now())
+        start = int(self._rand() * len(shards)) if shards else 0
+        for shard in shards[start:] + shards[:start]:
+            keys, _ = self.store.list("ready/%s/" % shard, limit=limit)
+            for key in keys:
+                parsed = parse_index_key(key)
+                if parsed is None or parsed[1] > now_bucket:
+                    continue
+                task = self.claim(parsed[2], worker_id, task_types, ready_key=key)
+                if task is not None:
+                    return task
+        return None
+
+    # -- finishing a claimed task ------------------------------------------------
+
+    def complete(self, task, output=None):
+        """Mark a claimed task completed with `output` (JSON)."""
+        _check_json(output, "output")
+        return self._write(task, "complete", lease_id=task.doc.get("lease_id"), output=output)
+
+    def fail(self, task, error):
+        """Fail a claimed task permanently, recording `error`."""
+        return self._write(task, "fail", lease_id=task.doc.get("lease_id"), error=str(error))
+
+    def retry(self, task, error):
+        """A failed attempt: back to pending after the retry policy's backoff,
+        or failed when the retries are spent."""
+        doc = task.doc
+        if doc.get("retry_count", 0) >= doc.get("max_retries", DEFAULT_MAX_RETRIES):
+            return self.fail(task, error)
+        delay = backoff_ms(doc.get("retry_policy", DEFAULT_RETRY_POLICY), doc.get("retry_count", 0), self._rand())
+        return self._write(task, "retry", lease_id=doc.get("lease_id"), error=str(error), delay_ms=delay)
+
+    def reschedule(self, task, delay):
+        """Run a claimed task again after `delay` seconds, consuming no retry
+        (fails it when max_reschedules is reached)."""
+        delay_s = _seconds(delay, "delay")
+        if delay_s < 0:
+            raise ValueError("delay must not be negative, got %r" % (delay,))
+        over = reschedule_or_fail(task.doc)
+        if over:
+            return self.fail(task, over)
+        return self._write(task, "reschedule", lease_id=task.doc.get("lease_id"),
+                           delay_seconds=int(round(delay_s)))
+
+    def extend_lease(self, task, seconds):
+        """Push a claimed task's lease `seconds` further (from its current end
+        or now, whichever is later)."""
+        _uint(seconds, "seconds", 1, _U64)
+        return self._write(task, "extend_lease", lease_id=task.doc.get("lease_id"), seconds=seconds)
+
+    def requeue(self, task):
+        """Put a claimed task back to pending at once, not counted as a
+        failed attempt (graceful shutdown)."""
+        return self._write(task, "requeue", lease_id=task.doc.get("lease_id"))
+
+    def finish_cancelled(self, task):
+        """End a claimed task whose cancellation was requested as cancelled."""
+        return self._write(task, "cancel_running", lease_id=task.doc.get("lease_id"))
+
+    # -- administration ---------------------------------------------------------
+
+    def cancel(self, task_id, reason=None, cancelled_by=None):
+        """Cancel a pending task (a running one: see request_cancellation)."""
+        return self._write(self._load(task_id), "cancel", reason=reason, cancelled_by=cancelled_by)
+
+    def request_cancellation(self, task_id, reason=None, cancelled_by=None):
+        """Cancel a task whatever its state: a pending one at once; a running
+        one cooperatively: the flag is set, its handler sees it
+        (`is_cancellation_requested`), and the task ends `cancelled`."""
+        task = self._load(task_id)
+        if task.doc.get("status", "pending") == "pending":
+            try:
+                return self._write(task, "cancel", reason=reason, cancelled_by=cancelled_by)
+            except InvalidTransition:
+                task = self._load(task)  # claimed meanwhile: fall through
+        return self._write(task, "request_cancellation", reason=reason, cancelled_by=cancelled_by)
+
+    def cancel_many(self, task_ids, reason=None, cancelled_by=None):
+        """Cancel several tasks with overlapping requests.  Returns, in
+        order, the cancelled Task or the error that prevented it."""
+        ids = [_task_id(t) for t in task_ids]
+
+        def one(tid):
+            try:
+                return self.cancel(tid, reason, cancelled_by)
+            except BuquetError as exc:
+                return exc
+        return self._map(one, ids)
+
+    def cancel_by_type(self, task_type, reason=None, cancelled_by=None, shards=None, progress=None):
+        """Cancel every pending task of a type (a scan of the shards)."""
+        results = []
+        for shard in shards or self.shards:
+            pending = self.list(shard, status="pending", task_type=task_type, limit=10 ** 9)
+            results.extend(self.cancel_many([t.doc["id"] for t in pending], reason, cancelled_by))
+            if progress:
+                progress(shard, len(results))
+        return results
+
+    def mark_expired(self, task_id):
+        return self._write(self._load(task_id), "expire")
+
+    def archive(self, task_id):
+        return self._write(self._load(task_id), "archive")
+
+    def replay(self, task_id):
+        """Run a finished task again from scratch."""
+        return self._write(self._load(task_id), "replay")
+
+    # -- recovery ------------------------------------------------------------------
+
+    def recover_expired_leases(self, limit=1000):
+        """Put tasks whose lease ran out back to pending (with backoff) or
+        fail them when retries are spent; drop lease entries that point
+        nowhere.  One LIST covers every shard (lease keys sort by expiry
+        minute within a shard).  Returns the recovered Tasks."""
+        now = self.now()
+        now_bucket = minute_bucket(now)
+        keys, _ = self.store.list("leases/", limit=limit)
+        candidates = []
+        for key in keys:
+            parsed = parse_index_key(key)
+            if parsed is None or parsed[0] not in self.shards or parsed[1] > now_bucket:
+                continue
+            candidates.append((key, parsed[2]))
+        return [t for t in self._map(lambda c: self._recover(*c, now=now), candidates) if t is not None]
+
+    def _recover(self, key, task_id, now):
+        task, reason = self._read(self._key_for(task_id))
+        if task is None:
+            if reason is None:
+                self._index_now([], [key])  # the task is gone: the entry points nowhere
+            return None
+        doc = task.doc
+        if doc.get("status") != "running" or not doc.get("lease_expires_at"):
+            self._index_now([], [key])
+            return None
+        expiry = parse_timestamp(doc["lease_expires_at"])
+        if now <= expiry:
+            if lease_key(doc["shard"], expiry, task_id) != key:
+                self._index_now([], [key])  # left behind by a lease extension
+            return None
+        lease = doc.get("lease_id")
+        try:
+            if doc.get("retry_count", 0) < doc.get("max_retries", DEFAULT_MAX_RETRIES):
+                delay = backoff_ms(doc.get("retry_policy", DEFAULT_RETRY_POLICY), doc.get("retry_count", 0), self._rand())
+                return self._write(task, "timeout_retry", lease_id=lease, delay_ms=delay, also_delete=[key],
+                                   attempts=1)
+            return self._write(task, "timeout_fail", lease_id=lease, also_delete=[key], attempts=1)
+        except (LeaseMismatch, InvalidTransition, ConflictError):
+            return None  # finished or extended meanwhile
+
+    def sweeper(self, page_size=100):
+        return IndexSweeper(self, page_size=page_size)
+
+
+class IndexSweeper:
+    """Repairs the ready and lease indexes from the task documents, a page
+    at a time, resuming where the last step stopped: phase `ready/` drops
+    entries of tasks that are gone or no longer pending, phase `leases/`
+    likewise for running tasks, phase `tasks/` writes entries that are
+    missing.  A step costs one LIST plus at most three requests per key.
+    Keys it cannot read are reported in `skipped`, never deleted."""
+
+    PHASES = ("ready/", "leases/", "tasks/")
+
+    def __init__(self, queue, page_size=100):
+        self.queue = queue
+        self.page_size = _uint(page_size, "page_size", 1, 1000)
+        self.phase = 0
+        self.cursor = None
+        self.passes = 0
+        self.counts = {"checked": 0, "deleted": 0, "created": 0, "expired": 0, "skipped": 0}
+        self.skipped = {}
+
+    def __repr__(self):
+        return "IndexSweeper(phase=%r, cursor=%r, passes=%d, %r)" % (
+            self.PHASES[self.phase], self.cursor, self.passes, self.counts)
+
+    def step(self):
+        """Sweep one page; returns True when this step finished a full pass."""
+        q = self.queue
+        prefix = self.PHASES[self.phase]
+        keys, truncated = q.store.list(prefix, start_after=self.cursor, limit=self.page_size)
+        check = (self._ready, self._lease, self._task)[self.phase]
+        now = q.now()
+        for outcome in q._map(lambda k: check(k, now), keys):
+            self.counts["checked"] += 1
+            if outcome:
+                self.counts[outcome] += 1
+        if truncated and keys:
+            self.cursor = keys[-1]
+            return False
+        self.cursor = None
+        self.phase = (self.phase + 1) % len(self.PHASES)
+        if self.phase == 0:
+            self.passes += 1
+            return True
+        return False
+
+    def run_pass(self, max_steps=10 ** 6):
+        """Sweep until a full pass ends (or max_steps)."""
+        for _ in range(max_steps):
+            if self.step():
+                return True
+        return False
+
+    def _skip(self, key, reason):
+        self.skipped[key] = reason
+        return "skipped"
+
+    def _index_target(self, key):
+        parsed = parse_index_key(key)
+        if parsed is None or parsed[0] not in self.queue.shards:
+            return None, self._skip(key, "not an index key of this queue")
+        task, reason = self.queue._read(self.queue._key_for(parsed[2]))
+        if reason:
+            return None, self._skip(key, "its task document is unreadable: " + reason)
+        if task is None:
+            self.queue._index_now([], [key])
+            return None, "deleted"
+        return task, None
+
+    def _ready(self, key, now):
+        task, outcome = self._index_target(key)
+        if task is None:
+            return outcome
+        doc = task.doc
+        if doc.get("status", "pending") != "pending":
+            self.queue._index_now([], [key])
+            return "deleted"
+        if doc.get("expires_at") and now >= parse_timestamp(doc["expires_at"]):
+            try:
+                self.queue._write(task, "expire", also_delete=[key], attempts=1)
+                return "expired"
+            except BuquetError:
+                return None
+        expected = index_keys(doc)
+        if key not in expected:
+            self.queue._index_now(expected, [key])
+            return "deleted"
+        return None
+
+    def _lease(self, key, now):
+        task, outcome = self._index_target(key)
+        if task is None:
+            return outcome
+        expected = index_keys(task.doc) if task.doc.get("status") == "running" else []
+        if key not in expected:
+            self.queue._index_now(expected, [key])
+            return "deleted"
+        return None
+
+    def _task(self, key, now):
+        parts = key.split("/")
+        if len(parts) != 3 or not parts[2].endswith(".json"):
+            return self._skip(key, "not a task key")
+        task, reason = self.queue._read(key)
+        if reason:
+            return self._skip(key, reason)
+        if task is None:
+            return None
+        doc = task.doc
+        status = doc.get("status", "pending")
+        if status == "pending" and doc.get("expires_at") and now >= parse_timestamp(doc["expires_at"]):
+            try:
+                self.queue._write(task, "expire", attempts=1)
+                return "expired"
+            except BuquetError:
+                return None
+        created = None
+        for expected in index_keys(doc):
+            if self.queue.store.get(expected) is None:
+                self.queue._index_now([expected], [])
+                created = "created"
+        return created
+
+
+# ============================================================================
+# connect
+# ============================================================================
+
+
+def connect(bucket=None, endpoint=None, region=None, profile=None, *, store=None, local_dir=None,
+            shard_prefix_len=SHARD_PREFIX_LEN, credentials=None, environ=None, **client_options):
+    """A Queue over the configured bucket.  Performs no network request.
+
+    What is not passed comes from S3_BUCKET, S3_ENDPOINT and S3_REGION (then
+    AWS_REGION / the AWS profile).  With no bucket at all, the local
+    directory store is used (BUQUET_LOCAL_DIR, default ./.buquet), with a
+    one-line notice on stderr.  `queue = await connect()` works too."""
+    env = os.environ if environ is None else environ
+    if store is None:
+        bucket = bucket or env.get("S3_BUCKET") or None
+        if bucket is None:
+            root = local_dir or env.get("BUQUET_LOCAL_DIR") or ".buquet"
+            sys.stderr.write("buquet: no bucket configured (S3_BUCKET); using the local directory store at %s\n"
+                             % root)
+            store = LocalStore(root)
+        else:
+            endpoint = endpoint or env.get("S3_ENDPOINT") or None
+            region = region or env.get("S3_REGION") or env.get("AWS_REGION") or None
+            store = S3Store(bucket, endpoint=endpoint, region=region, profile=profile, credentials=credentials,
+                            environ=env, **client_options)
+    return Queue(store, shard_prefix_len=shard_prefix_len)
