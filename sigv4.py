@@ -38,6 +38,7 @@ import hmac
 import http.client
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -47,6 +48,7 @@ from functools import lru_cache
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 __all__ = [
+    "CredentialProvider",
     "Credentials",
     "CredentialsError",
     "ConflictError",
@@ -181,23 +183,965 @@ class TransportError(S3Error):
 # Credentials
 # ============================================================================
 
-# (merged from _credentials.py)
-class Credentials:  # TEMP until the merge
+# Credentials: the AWS SDK default chain, for the SigV4 client (merged into sigv4.py).
+#
+# Resolution happens in two steps, and the split is deliberate:
+#
+# * ``resolve_credentials()`` walks the chain *locally*: arguments, environment
+#   variables and the two shared files. It performs no network request (connect
+#   must stay cheap, e.g. in a Lambda cold start). It picks the first source that
+#   is configured and returns a ``CredentialProvider`` for it. Configuration
+#   mistakes (half a key pair, an unparsable file, a named profile that does not
+#   exist, a container URI on a forbidden host) raise ``CredentialsError`` here.
+# * ``CredentialProvider.get()`` returns the cached credentials. Network sources
+#   (STS web identity, container endpoint, instance metadata) are fetched on the
+#   first ``get()`` and refreshed before they expire.
+#
+# This gives the same answers as botocore, which also commits to web identity and
+# container sources as soon as they are configured, and only falls through past
+# instance metadata (the last source) to "no credentials". Chain order, as in
+# botocore's ``create_credential_resolver``:
+#
+#     explicit arguments
+#     environment         AWS_ACCESS_KEY_ID ... (skipped when a profile is passed)
+#     [assume role]       profile role_arn + source_profile     -> unsupported, raises
+#     web identity        AWS_WEB_IDENTITY_TOKEN_FILE / profile -> STS, lazy
+#     [sso]               profile sso_account_id/sso_role_name  -> unsupported, raises
+#     shared credentials  ~/.aws/credentials [NAME]
+#     [login, process]    profile login_session / credential_process -> unsupported
+#     config file         ~/.aws/config [profile NAME] / [default]
+#     container           AWS_CONTAINER_CREDENTIALS_*_URI       -> lazy
+#     instance metadata   IMDSv2, falling back to v1            -> lazy
+
+# Public names: Credentials, CredentialProvider, CredentialsError,
+# resolve_credentials, resolve_region.
+
+
+# botocore's RefreshableCredentials windows: inside the advisory window one
+# thread tries to refresh and everyone keeps using the old credentials if it
+# fails; inside the mandatory window callers wait for fresh ones or get the error.
+_ADVISORY_REFRESH = timedelta(minutes=15)
+_MANDATORY_REFRESH = timedelta(minutes=10)
+
+_IMDS_URL = "http://169.254.169.254/"
+_IMDS_URL_IPV6 = "http://[fd00:ec2::254]/"
+_IMDS_TOKEN_TTL = "21600"  # botocore's value; we fetch a new token per refresh anyway
+_IMDS_TIMEOUT = 1.0  # botocore's default: a host that is not EC2 must not hang us
+_IMDS_ATTEMPTS = 1  # botocore's default (AWS_METADATA_SERVICE_NUM_ATTEMPTS)
+_CONTAINER_HOST = "169.254.170.2"
+# Plain http is allowed only to these (ECS, EKS Pod Identity) or to loopback:
+# anything else could hand the authorization token to a stranger.
+_CONTAINER_HOSTS = ("169.254.170.2", "169.254.170.23", "fd00:ec2::23", "localhost")
+_CONTAINER_TIMEOUT = 2.0  # botocore's ContainerMetadataFetcher values
+_CONTAINER_ATTEMPTS = 3
+_STS_TIMEOUT = 10.0  # STS is a real service on the internet, not a link-local agent
+_STS_ATTEMPTS = 3
+_STS_RETRY_CODES = ("IDPCommunicationError", "Throttling", "RequestLimitExceeded")
+_RETRY_DELAY = 1.0  # seconds before the second attempt; doubles after that
+
+# Regions where botocore's `sts_regional_endpoints = legacy` uses sts.amazonaws.com.
+_LEGACY_GLOBAL_STS_REGIONS = frozenset((
+    "ap-northeast-1", "ap-south-1", "ap-southeast-1", "ap-southeast-2", "aws-global",
+    "ca-central-1", "eu-central-1", "eu-north-1", "eu-west-1", "eu-west-2",
+    "eu-west-3", "sa-east-1", "us-east-1", "us-east-2", "us-west-1", "us-west-2",
+))
+
+
+def _utcnow():
+    return datetime.now(timezone.utc)
+
+
+# --- Credentials value --------------------------------------------------------
+
+
+class Credentials:
+    """An access key pair, with a session token and expiry for temporary ones.
+
+    Immutable. ``repr`` shows the access key id (not a secret: it appears in
+    CloudTrail and error replies) but never the secret key or the token.
+    """
+
     __slots__ = ("access_key", "secret_key", "session_token", "expiration")
 
     def __init__(self, access_key, secret_key, session_token=None, expiration=None):
-        self.access_key = access_key
-        self.secret_key = secret_key
-        self.session_token = session_token
-        self.expiration = expiration
+        if not access_key or not secret_key:
+            raise ValueError("access_key and secret_key must be non-empty strings")
+        if expiration is not None:
+            if expiration.tzinfo is None or expiration.utcoffset() is None:
+                raise ValueError("expiration must be a timezone-aware datetime")
+            expiration = expiration.astimezone(timezone.utc)
+        setter = object.__setattr__
+        setter(self, "access_key", access_key)
+        setter(self, "secret_key", secret_key)
+        setter(self, "session_token", session_token or None)
+        setter(self, "expiration", expiration)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Credentials are immutable")
+
+    __delattr__ = __setattr__
+
+    def __reduce__(self):
+        # The default slot-state pickling would go through __setattr__.
+        return (Credentials, self._fields())
+
+    def _fields(self):
+        return (self.access_key, self.secret_key, self.session_token, self.expiration)
+
+    def __eq__(self, other):
+        if not isinstance(other, Credentials):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self):
+        return hash(self._fields())
+
+    def __repr__(self):
+        expiration = None if self.expiration is None else _format_timestamp(self.expiration)
+        return "Credentials(access_key=%r, secret_key='***', session_token=%s, expiration=%s)" % (
+            self.access_key,
+            "'***'" if self.session_token else "None",
+            expiration,
+        )
 
 
-def resolve_credentials(**kwargs):  # TEMP until the merge
-    raise CredentialsError("no credentials")
+def _refresh_due(credentials, now, window):
+    """True when ``credentials`` expire less than ``window`` after ``now``."""
+    expiration = credentials.expiration
+    return expiration is not None and expiration - now < window
 
 
-def resolve_region(profile=None, environ=None):  # TEMP until the merge
+def _format_timestamp(moment):
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Patterns stay strings (compiled and cached by `re` on first use) to keep
+# import cheap.
+_TIMESTAMP = r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?\s*([Zz]|[+-]\d\d:?\d\d)?\Z"
+
+
+def _parse_iso_timestamp(text):
+    """Parse the ISO 8601 forms STS, ECS, EKS and IMDS use (``...Z``, fractions,
+    offsets) or epoch seconds, to an aware UTC datetime.
+
+    ``datetime.fromisoformat`` rejects ``Z`` before Python 3.11, hence the regex.
+    """
+    text = text.strip()
+    if text.isdigit():
+        return datetime.fromtimestamp(int(text), timezone.utc)
+    match = re.match(_TIMESTAMP, text)
+    if match is None:
+        raise ValueError("not an ISO 8601 timestamp")
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    tz = timezone.utc
+    if offset and offset not in ("Z", "z"):
+        sign = -1 if offset[0] == "-" else 1
+        digits = offset[1:].replace(":", "")
+        tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+    moment = datetime(
+        int(year), int(month), int(day), int(hour), int(minute), int(second),
+        int((fraction or "0")[:6].ljust(6, "0")), tz,
+    )
+    return moment.astimezone(timezone.utc)
+
+
+def _credentials_from(fields, names, where):
+    """Credentials from a reply's ``fields``: ``names`` are the keys holding
+    access key, secret key, token and expiration. Errors name ``where``."""
+    values = []
+    for name in names:
+        value = fields.get(name)
+        if not isinstance(value, str) or not value:
+            raise CredentialsError("%s: reply lacks %s" % (where, name))
+        values.append(value)
+    try:
+        expiration = _parse_iso_timestamp(values[3])
+    except ValueError:
+        raise CredentialsError("%s: reply has an unparsable %s" % (where, names[3])) from None
+    return Credentials(values[0], values[1], values[2], expiration)
+
+
+# --- Provider: cache and refresh ---------------------------------------------
+
+
+class CredentialProvider:
+    """One resolved source of credentials, with a cache of the current ones.
+
+    ``fetch(now)`` returns fresh ``Credentials`` or raises ``CredentialsError``;
+    it is called on the first ``get()`` unless ``credentials`` are given, and
+    again when the credentials near their expiration. ``clock()`` returns an
+    aware datetime (tests inject one). ``source`` names where the credentials
+    come from, for humans; it never contains a secret.
+    """
+
+    __slots__ = ("source", "_fetch", "_clock", "_lock", "_credentials")
+
+    def __init__(self, fetch, *, source, clock=None, credentials=None):
+        self.source = source
+        self._fetch = fetch
+        self._clock = clock or _utcnow
+        self._lock = threading.Lock()
+        self._credentials = credentials
+
+    def __repr__(self):
+        return "<CredentialProvider %s>" % self.source
+
+    def get(self):
+        """The current credentials, refreshed first if they are about to expire."""
+        credentials = self._credentials
+        if credentials is not None and (
+            credentials.expiration is None
+            or not _refresh_due(credentials, self._clock(), _ADVISORY_REFRESH)
+        ):
+            return credentials
+        return self._refresh()
+
+    def _refresh(self):
+        # Same protocol as botocore's RefreshableCredentials._refresh.
+        if self._lock.acquire(blocking=False):
+            try:
+                credentials = self._credentials
+                now = self._clock()
+                if credentials is not None and not _refresh_due(credentials, now, _ADVISORY_REFRESH):
+                    return credentials  # another thread refreshed meanwhile
+                mandatory = credentials is None or _refresh_due(credentials, now, _MANDATORY_REFRESH)
+                return self._protected_refresh(now, mandatory)
+            finally:
+                self._lock.release()
+        credentials = self._credentials
+        if credentials is not None and not _refresh_due(credentials, self._clock(), _MANDATORY_REFRESH):
+            return credentials  # another thread is refreshing; these are still good
+        with self._lock:
+            credentials = self._credentials
+            now = self._clock()
+            if credentials is not None and not _refresh_due(credentials, now, _MANDATORY_REFRESH):
+                return credentials
+            return self._protected_refresh(now, True)
+
+    def _protected_refresh(self, now, mandatory):
+        # Caller holds the lock.
+        try:
+            fresh = self._fetch(now)
+            if _refresh_due(fresh, now, timedelta(0)):
+                raise CredentialsError(
+                    "%s: fetched credentials already expired at %s"
+                    % (self.source, _format_timestamp(fresh.expiration))
+                )
+        except Exception:
+            if mandatory:
+                raise
+            return self._credentials  # advisory: keep what still works
+        self._credentials = fresh
+        return fresh
+
+
+# --- Shared files -------------------------------------------------------------
+
+_ENV_REFERENCE = r"\$(\w+|\{[^}]*\})"
+
+
+def _expand_path(path, environ):
+    """Like botocore's expandvars + expanduser, but reading ``environ``."""
+
+    def variable(match):
+        name = match.group(1).strip("{}")
+        return environ.get(name, match.group(0))
+
+    path = re.sub(_ENV_REFERENCE, variable, path)
+    if path == "~" or path.startswith("~/") or path.startswith("~" + os.sep):
+        home = environ.get("HOME")
+        if home:
+            return home + path[1:]
+    return os.path.expanduser(path)
+
+
+def _ini_problem(error):
+    """Describe a configparser error without quoting the offending line,
+    which may hold a secret key."""
+    import configparser
+
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return "line %d comes before any [section] header" % error.lineno
+    if isinstance(error, configparser.ParsingError):
+        return "cannot parse line %s" % ", ".join(str(lineno) for lineno, _ in error.errors)
+    if isinstance(error, configparser.DuplicateOptionError):
+        return "key %r appears twice in [%s]" % (error.option, error.section)
+    if isinstance(error, configparser.DuplicateSectionError):
+        return "section [%s] appears twice" % error.section
+    return type(error).__name__
+
+
+def _read_ini(path, shown):
+    """The sections of an INI file as dicts, or None when there is no file.
+
+    Same reading as botocore: RawConfigParser (keys lower-cased, no
+    interpolation, no inline comments, ``[DEFAULT]`` applies to every section).
+    """
+    if not os.path.isfile(path):
+        return None
+    import configparser
+
+    parser = configparser.RawConfigParser()
+    try:
+        with open(path, encoding="utf-8") as file:
+            parser.read_file(file)
+    except configparser.Error as error:
+        raise CredentialsError("cannot parse %s: %s" % (shown, _ini_problem(error))) from None
+    except UnicodeDecodeError:
+        raise CredentialsError("cannot parse %s: not UTF-8" % shown) from None
+    except OSError as error:
+        raise CredentialsError("cannot read %s: %s" % (shown, error.strerror)) from None
+    return {name: dict(parser.items(name)) for name in parser.sections()}
+
+
+def _config_profiles(sections):
+    """Profiles of the config file: ``[profile NAME]`` sections and ``[default]``."""
+    import shlex
+
+    profiles = {}
+    for name, values in sections.items():
+        if name == "default":
+            profiles[name] = values
+        elif name.startswith("profile"):
+            try:
+                parts = shlex.split(name)  # botocore allows [profile "with space"]
+            except ValueError:
+                continue
+            if len(parts) == 2 and parts[0] == "profile":
+                profiles[parts[1]] = values
+    return profiles
+
+
+class _Profile:
+    """The selected profile as found in the credentials and config files."""
+
+    __slots__ = ("name", "credentials_shown", "credentials", "config_shown", "config", "settings")
+
+    def __init__(self, environ, name):
+        self.name = name
+        self.credentials_shown = environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials"
+        self.config_shown = environ.get("AWS_CONFIG_FILE") or "~/.aws/config"
+        credential_sections = _read_ini(
+            _expand_path(self.credentials_shown, environ), self.credentials_shown
+        )
+        config_sections = _read_ini(_expand_path(self.config_shown, environ), self.config_shown)
+        # Section of each file, or None when the file or section is absent.
+        self.credentials = (credential_sections or {}).get(name)
+        self.config = _config_profiles(config_sections or {}).get(name)
+        # botocore's session.full_config: config-file profile overlaid with the
+        # credentials-file section; settings such as region or role_arn come
+        # from this merge.
+        self.settings = dict(self.config or {})
+        self.settings.update(self.credentials or {})
+
+    @property
+    def found(self):
+        return self.credentials is not None or self.config is not None
+
+
+def _profile_name(environ, profile):
+    # botocore reads AWS_DEFAULT_PROFILE before AWS_PROFILE.
+    return profile or environ.get("AWS_DEFAULT_PROFILE") or environ.get("AWS_PROFILE") or "default"
+
+
+def _setting(environ, variable, profile, key):
+    """A setting from the environment, else from the profile, else None."""
+    value = environ.get(variable) if variable else None
+    if value:
+        return value
+    return profile.settings.get(key) or None
+
+
+def _config_true(value):
+    return (value or "").strip().lower() == "true"
+
+
+def _static_keys(section, where):
+    """Static keys from a file section, or None when it has none."""
+    access_key = section.get("aws_access_key_id")
+    if access_key is None:
+        return None
+    secret_key = section.get("aws_secret_access_key")
+    if not access_key or not secret_key:
+        raise CredentialsError("%s: aws_access_key_id needs aws_secret_access_key" % where)
+    # botocore prefers the legacy name when both are present.
+    token = section.get("aws_security_token") or section.get("aws_session_token")
+    return Credentials(access_key, secret_key, token)
+
+
+# --- Region -------------------------------------------------------------------
+
+
+def resolve_region(profile=None, environ=None):
+    """The region from ``AWS_REGION``, ``AWS_DEFAULT_REGION``, then the
+    profile's ``region`` in the config (or credentials) file; None if unset.
+
+    Reads files only, never the network. A named profile that does not exist
+    gives None here; ``resolve_credentials`` is the one that reports it.
+    """
+    environ = os.environ if environ is None else environ
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    return _Profile(environ, _profile_name(environ, profile)).settings.get("region") or None
+
+
+# --- Chain --------------------------------------------------------------------
+
+
+def resolve_credentials(
+    *,
+    access_key=None,
+    secret_key=None,
+    session_token=None,
+    profile=None,
+    region=None,
+    environ=None,
+    clock=None,
+):
+    """Pick the credential source the AWS SDKs would pick; see the module notes.
+
+    ``region`` is the client's region, used to choose the STS endpoint for web
+    identity (boto3 uses the region of the client being created); without it
+    ``resolve_region`` decides. ``environ`` defaults to ``os.environ``.
+    Performs no network request; ``get()`` on the result may.
+    """
+    environ = os.environ if environ is None else environ
+    clock = clock or _utcnow
+
+    def static(credentials, source):
+        return CredentialProvider(
+            lambda now: credentials, source=source, clock=clock, credentials=credentials
+        )
+
+    if access_key is not None or secret_key is not None:
+        if not access_key or not secret_key:
+            raise CredentialsError("explicit arguments: access_key and secret_key go together")
+        return static(Credentials(access_key, secret_key, session_token), "explicit")
+    looked = ["explicit arguments"]
+
+    # An explicit profile means "use that profile", so like botocore we skip
+    # the environment keys (AWS_PROFILE set in the environment does not).
+    if profile:
+        looked.append("environment (skipped: profile given)")
+    else:
+        credentials = _environment_credentials(environ)
+        if credentials is not None:
+            if credentials.expiration is None:
+                return static(credentials, "environment")
+            return CredentialProvider(
+                lambda now: _environment_credentials(environ) or _no_environment_credentials(),
+                source="environment",
+                clock=clock,
+                credentials=credentials,
+            )
+        looked.append("environment")
+
+    chosen = _Profile(environ, _profile_name(environ, profile))
+    if not chosen.found and chosen.name != "default":
+        raise CredentialsError(
+            "profile %r not found in %s or %s"
+            % (chosen.name, chosen.config_shown, chosen.credentials_shown)
+        )
+    settings = chosen.settings
+    if "role_arn" in settings and "web_identity_token_file" not in settings:
+        _unsupported(chosen, "role_arn with source_profile/credential_source (STS AssumeRole)")
+
+    provider = _web_identity_provider(environ, chosen, not profile, region, clock)
+    if provider is not None:
+        return provider
+    looked.append("web identity")
+
+    if "sso_account_id" in settings or "sso_role_name" in settings:
+        _unsupported(chosen, "IAM Identity Center (sso_*)")
+
+    shown = "%s [%s]" % (chosen.credentials_shown, chosen.name)
+    if chosen.credentials is not None:
+        credentials = _static_keys(chosen.credentials, chosen.credentials_shown)
+        if credentials is not None:
+            return static(credentials, "shared-credentials-file " + shown)
+    looked.append("shared credentials file " + shown)
+
+    if "login_session" in settings:
+        _unsupported(chosen, "login_session")
+    if "credential_process" in settings:
+        _unsupported(chosen, "credential_process")
+
+    shown = "%s [%s]" % (chosen.config_shown, chosen.name)
+    if chosen.config is not None:
+        credentials = _static_keys(chosen.config, chosen.config_shown)
+        if credentials is not None:
+            return static(credentials, "config-file " + shown)
+    looked.append("config file " + shown)
+
+    provider = _container_provider(environ, clock)
+    if provider is not None:
+        return provider
+    looked.append("container")
+
+    return _instance_metadata_provider(environ, chosen, looked, clock)
+
+
+def _unsupported(profile, feature):
+    raise CredentialsError(
+        "profile %r uses %s, which buquet does not support; use static keys, web"
+        " identity, or export temporary keys (aws configure export-credentials)"
+        % (profile.name, feature)
+    )
+
+
+def _environment_credentials(environ):
+    access_key = environ.get("AWS_ACCESS_KEY_ID")
+    if not access_key:
+        return None
+    secret_key = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not secret_key:
+        raise CredentialsError("environment: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not")
+    # botocore checks the legacy AWS_SECURITY_TOKEN first.
+    token = environ.get("AWS_SECURITY_TOKEN") or environ.get("AWS_SESSION_TOKEN")
+    expiration = environ.get("AWS_CREDENTIAL_EXPIRATION")
+    if expiration:
+        try:
+            expiration = _parse_iso_timestamp(expiration)
+        except ValueError:
+            raise CredentialsError("environment: AWS_CREDENTIAL_EXPIRATION is not an ISO 8601 time") from None
+    return Credentials(access_key, secret_key, token, expiration or None)
+
+
+def _no_environment_credentials():
+    raise CredentialsError("environment: AWS_ACCESS_KEY_ID is no longer set")
+
+
+# --- HTTP for the network sources ---------------------------------------------
+
+
+class _HTTPFailure(Exception):
+    """No HTTP reply. ``connected`` tells a refused or unreachable host (False)
+    from one that accepted the connection and then failed or went quiet."""
+
+    def __init__(self, reason, connected):
+        super().__init__(reason)
+        self.reason = reason
+        self.connected = connected
+
+
+def _describe_os_error(error):
+    if isinstance(error, TimeoutError) or type(error).__name__ == "timeout":
+        return "timed out"
+    return getattr(error, "strerror", None) or type(error).__name__
+
+
+def _http(method, url, headers, body=None, timeout=1.0):
+    """One request without proxies (the link-local agents are never behind
+    one); returns (status, body bytes) or raises _HTTPFailure."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        import ssl
+
+        connection = http.client.HTTPSConnection(
+            parts.netloc, timeout=timeout, context=ssl.create_default_context()
+        )
+    else:
+        connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    try:
+        try:
+            connection.connect()
+        except OSError as error:
+            raise _HTTPFailure(_describe_os_error(error), False) from None
+        try:
+            connection.request(method, target, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException) as error:
+            raise _HTTPFailure(_describe_os_error(error), True) from None
+    finally:
+        connection.close()
+
+
+def _shown_url(url):
+    """The URL without its query, for messages and ``source``."""
+    return url.split("?", 1)[0]
+
+
+# --- Web identity (STS AssumeRoleWithWebIdentity) ------------------------------
+
+
+def _sts_endpoint(environ, profile, region):
+    """The STS endpoint botocore would use for this region and configuration."""
+    if not _config_true(_setting(environ, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", profile, "ignore_configured_endpoint_urls")):
+        for variable in ("AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL"):
+            if environ.get(variable):
+                return environ[variable]
+        if profile.settings.get("endpoint_url"):
+            return profile.settings["endpoint_url"]
+    mode = (_setting(environ, "AWS_STS_REGIONAL_ENDPOINTS", profile, "sts_regional_endpoints") or "regional").lower()
+    if mode not in ("regional", "legacy"):
+        raise CredentialsError("sts_regional_endpoints must be 'regional' or 'legacy', not %r" % mode)
+    if not region or (mode == "legacy" and region in _LEGACY_GLOBAL_STS_REGIONS):
+        return "https://sts.amazonaws.com"
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return "https://sts.%s.%s" % (region, suffix)
+
+
+def _web_identity_provider(environ, profile, use_environ, region, clock):
+    def setting(variable, key):
+        return _setting(environ, variable if use_environ else None, profile, key)
+
+    token_file = setting("AWS_WEB_IDENTITY_TOKEN_FILE", "web_identity_token_file")
+    if not token_file:
+        return None
+    role_arn = setting("AWS_ROLE_ARN", "role_arn")
+    if not role_arn:
+        raise CredentialsError(
+            "web identity: a token file is configured but no role ARN (AWS_ROLE_ARN or role_arn)"
+        )
+    # botocore names the session after the time it was configured.
+    session_name = setting("AWS_ROLE_SESSION_NAME", "role_session_name") or (
+        "buquet-session-%d" % clock().timestamp()
+    )
+    if region is None:  # resolve_region without reading the files again
+        region = (
+            environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+            or profile.settings.get("region")
+        )
+    endpoint = _sts_endpoint(environ, profile, region)
+    path = _expand_path(token_file, environ)
+
+    def fetch(now):
+        return _assume_role_with_web_identity(endpoint, role_arn, session_name, path)
+
+    return CredentialProvider(
+        fetch, source="web-identity %s via %s" % (role_arn, _shown_url(endpoint)), clock=clock
+    )
+
+
+def _read_token_file(path, where):
+    try:
+        with open(path, encoding="utf-8") as file:
+            # Tokens never contain whitespace; a trailing newline from an
+            # editor or `echo` would otherwise be sent along.
+            return file.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8"
+        raise CredentialsError("%s: cannot read token file %s: %s" % (where, path, reason)) from None
+
+
+def _sts_error(reply):
+    """(code, message) of an STS error reply, as far as it can be parsed."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        error = ElementTree.fromstring(reply).find("{*}Error")
+    except ElementTree.ParseError:
+        return "", ""
+    if error is None:
+        return "", ""
+    code = (error.findtext("{*}Code") or "").strip()
+    message = " ".join((error.findtext("{*}Message") or "").split())[:200]
+    return code, message
+
+
+def _parse_sts_reply(reply, where):
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(reply)
+    except ElementTree.ParseError:
+        raise CredentialsError("%s: HTTP 200 reply is not XML" % where) from None
+    node = root.find("{*}AssumeRoleWithWebIdentityResult/{*}Credentials")
+    if node is None:
+        raise CredentialsError("%s: HTTP 200 reply lacks Credentials" % where)
+    fields = {child.tag.rpartition("}")[2]: (child.text or "").strip() for child in node}
+    return _credentials_from(
+        fields, ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"), where
+    )
+
+
+def _assume_role_with_web_identity(endpoint, role_arn, session_name, token_file):
+    """Exchange the token in ``token_file`` for role credentials. The request is
+    unsigned: the token is the proof. The file is re-read on every call since
+    Kubernetes rotates it."""
+    from urllib.parse import urlencode
+
+    where = "web identity: STS " + _shown_url(endpoint)
+    body = urlencode({
+        "Action": "AssumeRoleWithWebIdentity",
+        "Version": "2011-06-15",
+        "RoleArn": role_arn,
+        "RoleSessionName": session_name,
+        "WebIdentityToken": _read_token_file(token_file, "web identity"),
+    }).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+    for attempt in range(_STS_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_DELAY * 2 ** (attempt - 1))
+        try:
+            status, reply = _http("POST", endpoint, headers, body, _STS_TIMEOUT)
+        except _HTTPFailure as failure:
+            problem = failure.reason
+            continue
+        if status == 200:
+            return _parse_sts_reply(reply, where)
+        code, message = _sts_error(reply)
+        problem = "HTTP %d %s" % (status, ": ".join(part for part in (code, message) if part))
+        if status < 500 and code not in _STS_RETRY_CODES:
+            break
+    raise CredentialsError("%s: %s" % (where, problem.strip()))
+
+
+# --- Container (ECS, EKS Pod Identity) -----------------------------------------
+
+
+def _is_loopback(host):
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _container_provider(environ, clock):
+    relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    if relative:
+        url = "http://%s%s" % (_CONTAINER_HOST, relative)
+    else:
+        url = environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        if not url:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and (host in _CONTAINER_HOSTS or _is_loopback(host))
+        ):
+            raise CredentialsError(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI must be https, or http to a loopback"
+                " address or one of %s; host is %r" % (", ".join(_CONTAINER_HOSTS), host)
+            )
+
+    def fetch(now):
+        return _fetch_container_credentials(url, environ)
+
+    return CredentialProvider(fetch, source="container " + _shown_url(url), clock=clock)
+
+
+def _container_authorization(environ):
+    path = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+    if path:  # re-read on every fetch: EKS rotates it; botocore prefers it too
+        token = _read_token_file(path, "container credentials")
+    else:
+        token = (environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN") or "").strip()
+    if "\r" in token or "\n" in token:
+        raise CredentialsError("container credentials: the authorization token contains a line break")
+    return token
+
+
+def _fetch_container_credentials(url, environ):
+    import json
+
+    where = "container credentials " + _shown_url(url)
+    headers = {"Accept": "application/json"}
+    token = _container_authorization(environ)
+    if token:
+        headers["Authorization"] = token
+    for attempt in range(_CONTAINER_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_DELAY)
+        try:
+            status, reply = _http("GET", url, headers, timeout=_CONTAINER_TIMEOUT)
+        except _HTTPFailure as failure:
+            problem = failure.reason
+            continue
+        if status == 200:
+            try:
+                fields = json.loads(reply.decode("utf-8"))
+            except ValueError:
+                raise CredentialsError("%s: HTTP 200 reply is not JSON" % where) from None
+            if not isinstance(fields, dict):
+                raise CredentialsError("%s: HTTP 200 reply is not a JSON object" % where)
+            return _credentials_from(
+                fields, ("AccessKeyId", "SecretAccessKey", "Token", "Expiration"), where
+            )
+        problem = "HTTP %d" % status
+        if status < 500 and status != 429:
+            break  # a wrong token or URI does not fix itself
+    raise CredentialsError("%s: %s" % (where, problem))
+
+
+# --- EC2 instance metadata (IMDS) ---------------------------------------------
+
+
+def _int_setting(environ, variable, profile, key, default):
+    value = _setting(environ, variable, profile, key)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise CredentialsError("%s / %s must be a positive integer" % (variable, key))
+    return number
+
+
+def _imds_base_url(environ, profile):
+    endpoint = _setting(environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT", profile, "ec2_metadata_service_endpoint")
+    if endpoint:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise CredentialsError("AWS_EC2_METADATA_SERVICE_ENDPOINT is not an http(s) URL")
+        return endpoint if endpoint.endswith("/") else endpoint + "/"
+    mode = _setting(environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", profile, "ec2_metadata_service_endpoint_mode")
+    if mode is not None:
+        mode = mode.lower()
+        if mode not in ("ipv4", "ipv6"):
+            raise CredentialsError("ec2_metadata_service_endpoint_mode must be ipv4 or ipv6, not %r" % mode)
+    elif _config_true(_setting(environ, "AWS_IMDS_USE_IPV6", profile, "imds_use_ipv6")):
+        mode = "ipv6"
+    return _IMDS_URL_IPV6 if mode == "ipv6" else _IMDS_URL
+
+
+def _instance_metadata_provider(environ, profile, looked, clock):
+    # botocore reads this one from the environment only.
+    if _config_true(environ.get("AWS_EC2_METADATA_DISABLED")):
+        looked.append("instance metadata (disabled by AWS_EC2_METADATA_DISABLED)")
+        message = "no AWS credentials found; looked at: " + ", ".join(looked)
+
+        def nothing(now):
+            raise CredentialsError(message)
+
+        return CredentialProvider(nothing, source="none", clock=clock)
+
+    base_url = _imds_base_url(environ, profile)
+    timeout = _int_setting(environ, "AWS_METADATA_SERVICE_TIMEOUT", profile, "metadata_service_timeout", _IMDS_TIMEOUT)
+    attempts = _int_setting(
+        environ, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", profile, "metadata_service_num_attempts", _IMDS_ATTEMPTS
+    )
+    v1_disabled = _config_true(_setting(environ, "AWS_EC2_METADATA_V1_DISABLED", profile, "ec2_metadata_v1_disabled"))
+    prefix = "no AWS credentials found; looked at: %s; then " % ", ".join(looked)
+    fetched = []
+
+    def fetch(now):
+        import random
+
+        try:
+            credentials = _fetch_instance_credentials(
+                base_url, timeout, attempts, v1_disabled, now, random.randint(120, 600)
+            )
+        except CredentialsError as error:
+            if fetched:
+                raise
+            # Nothing ever came from here: say what else was looked at.
+            raise CredentialsError(prefix + str(error)) from None
+        fetched.append(True)
+        return credentials
+
+    return CredentialProvider(fetch, source="instance-metadata " + base_url, clock=clock)
+
+
+def _imds_token(base_url, timeout, attempts, where):
+    """An IMDSv2 session token, or None to fall back to IMDSv1 as botocore does."""
+    failure = None
+    for _ in range(attempts):
+        try:
+            status, reply = _http(
+                "PUT", base_url + "latest/api/token",
+                {"x-aws-ec2-metadata-token-ttl-seconds": _IMDS_TOKEN_TTL}, timeout=timeout,
+            )
+        except _HTTPFailure as error:
+            if error.connected:
+                # A hop limit of 1 drops the PUT reply inside containers on
+                # EC2, while a v1 GET still works: fall back like botocore.
+                return None
+            failure = error
+            continue
+        if status == 200:
+            return reply.decode("utf-8", "replace").strip()
+        if status in (403, 404, 405):
+            return None  # IMDSv2 unavailable here; v1 may still answer
+        if status == 400:
+            raise CredentialsError("%s: token request rejected (HTTP 400)" % where)
+    if failure is not None:
+        # Diverges from botocore, which would still try a v1 GET at a host
+        # that refused the connection: on a laptop that only doubles the wait.
+        raise CredentialsError("%s: unreachable (%s)" % (where, failure.reason))
     return None
+
+
+def _imds_get(url, headers, timeout, attempts, where, what, valid=None):
+    """GET with botocore's IMDS retry rule: retry non-200, empty or invalid replies."""
+    problem = "no attempt"
+    for _ in range(attempts):
+        try:
+            status, reply = _http("GET", url, headers, timeout=timeout)
+        except _HTTPFailure as failure:
+            problem = failure.reason if failure.connected else "unreachable (%s)" % failure.reason
+            continue
+        text = reply.decode("utf-8", "replace")
+        if status != 200:
+            problem = "HTTP %d" % status + (" (no IAM role attached?)" if status == 404 else "")
+        elif not text.strip():
+            problem = "HTTP 200 with an empty reply"
+        elif valid is not None and valid(text) is None:
+            problem = "HTTP 200 reply is not JSON"
+        else:
+            return text
+    raise CredentialsError("%s: %s %s" % (where, what, problem))
+
+
+def _json_object(text):
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _extended_expiration(expiration, now, window):
+    """botocore's static stability for IMDS: when the service hands out
+    credentials expiring within ``window`` (it keeps serving the last ones
+    during an outage), pretend they last ``window`` more so that every call
+    does not hammer IMDS; requests keep working for as long as AWS accepts them."""
+    if now >= expiration - window:
+        return now + window
+    return expiration
+
+
+def _fetch_instance_credentials(base_url, timeout, attempts, v1_disabled, now, jitter):
+    """Role credentials from IMDS: PUT a token, GET the role name, GET its keys.
+    ``jitter`` (seconds) spreads a fleet's retries during an IMDS outage."""
+    where = "instance metadata " + base_url
+    token = _imds_token(base_url, timeout, attempts, where)
+    headers = {}
+    if token:
+        headers["x-aws-ec2-metadata-token"] = token
+    elif v1_disabled:
+        raise CredentialsError("%s: no IMDSv2 token and IMDSv1 is disabled" % where)
+    url = base_url + "latest/meta-data/iam/security-credentials/"
+    role = _imds_get(url, headers, timeout, attempts, where, "role list:").splitlines()[0].strip()
+    text = _imds_get(url + role, headers, timeout, attempts, where, "role credentials:", _json_object)
+    fields = _json_object(text)
+    if fields.get("Code", "Success") != "Success":
+        raise CredentialsError("%s: role %s: %s" % (where, role, fields.get("Code")))
+    credentials = _credentials_from(
+        fields, ("AccessKeyId", "SecretAccessKey", "Token", "Expiration"), where
+    )
+    expiration = _extended_expiration(
+        credentials.expiration, now, _ADVISORY_REFRESH + timedelta(seconds=jitter)
+    )
+    if expiration == credentials.expiration:
+        return credentials
+    return Credentials(credentials.access_key, credentials.secret_key, credentials.session_token, expiration)
 
 
 # ============================================================================
@@ -374,6 +1318,8 @@ def presign(method, url, credentials, region, expires=3600, service="s3", now=No
         raise ValueError("presign(): expires must be 1 to 604800 seconds, got %r" % (expires,))
     if now is None:
         now = datetime.now(timezone.utc)
+    elif now.tzinfo is None:
+        raise ValueError("presign(): now must be an aware datetime, got %r" % (now,))
     amz_date = _amz_date(now)
     scope = _scope(amz_date, region, service)
     parts = urlsplit(url)
@@ -897,7 +1843,7 @@ class S3Client:
             path_style = True
         self._endpoint = _Endpoint(endpoint, self.region, path_style)
         if credentials is None:
-            credentials = resolve_credentials(profile=profile, environ=environ)
+            credentials = resolve_credentials(profile=profile, region=self.region, environ=environ)
         self._credentials = credentials
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1, got %r" % (max_attempts,))
