@@ -65,6 +65,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 __all__ = [
+    "AsyncQueue",
     "BuquetError",
     "ConflictError",
     "IdempotencyConflict",
@@ -80,8 +81,10 @@ __all__ = [
     "S3Store",
     "StoreError",
     "Task",
+    "TaskContext",
     "TaskNotFound",
     "TRANSITIONS",
+    "Worker",
     "connect",
     "main",
 ]
@@ -593,6 +596,8 @@ TRANSITIONS = {
 _LEASED = frozenset(
     ("complete", "retry", "reschedule", "fail", "requeue", "extend_lease", "cancel_running")
 )
+# Outcomes of a handler; a requested cancellation overrides them.
+_FINISHING = frozenset(("complete", "retry", "reschedule", "fail"))
 _CLEAR_LEASE = {"lease_id": None, "lease_expires_at": None, "worker_id": None}
 TIMEOUT_ERROR = "Timeout - task exceeded lease duration"
 
@@ -1052,6 +1057,8 @@ def _check_json(value, name):
         elif isinstance(v, float):
             if v != v or v in (float("inf"), float("-inf")):
                 raise ValueError("%s: %r at %s is not valid JSON" % (name, v, path))
+        elif path == name:
+            raise ValueError("%s must be JSON-serialisable, got %s" % (name, type(v).__name__))
         else:
             raise ValueError("%s must be JSON-serialisable: %s at %s is not" % (name, type(v).__name__, path))
     walk(value, name)
@@ -1095,11 +1102,6 @@ class Queue:
 
     def __repr__(self):
         return "Queue(%r)" % (self.store,)
-
-    def __await__(self):
-        # `queue = await connect()` (the seed's async form) awaits the queue itself.
-        return self
-        yield  # pragma: no cover - makes this a generator
 
     # -- plumbing --------------------------------------------------------------
 
@@ -1172,6 +1174,10 @@ class Queue:
         to `attempts` writes.  Returns the new Task."""
         current = task
         for _ in range(attempts):
+            if event in _FINISHING and current.doc.get("cancel_requested"):
+                # Cancellation was requested while the handler ran: whatever
+                # it returned, the task ends cancelled.
+                event, args = "cancel_running", {}
             new_doc = transition(current.doc, event, self.now(), lease_id=lease_id, **args)
             body = encode_task(new_doc)
             try:
@@ -1863,4 +1869,670 @@ def connect(bucket=None, endpoint=None, region=None, profile=None, *, store=None
             region = region or env.get("S3_REGION") or env.get("AWS_REGION") or None
             store = S3Store(bucket, endpoint=endpoint, region=region, profile=profile, credentials=credentials,
                             environ=env, **client_options)
-    return Queue(store, shard_prefix_len=shard_prefix_len)
+    queue = Queue(store, shard_prefix_len=shard_prefix_len)
+    # Called inside a running event loop (`queue = await connect()`): the
+    # same queue with coroutine methods.
+    return AsyncQueue(queue) if _running_loop() is not None else queue
+
+
+class AsyncQueue:
+    """A Queue whose public methods are coroutines, each run in a thread so
+    the event loop never waits on S3.  `sync` is the Queue itself; awaiting
+    an AsyncQueue gives the AsyncQueue (the seed's `await connect()`)."""
+
+    def __init__(self, queue):
+        self.sync = queue
+
+    def __repr__(self):
+        return "AsyncQueue(%r)" % (self.sync,)
+
+    def __await__(self):
+        return self
+        yield  # pragma: no cover - makes this a generator
+
+    def __getattr__(self, name):
+        attr = getattr(self.sync, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        async def call(*args, **kwargs):
+            import asyncio
+            from functools import partial
+
+            return await asyncio.get_running_loop().run_in_executor(None, partial(attr, *args, **kwargs))
+        call.__name__ = name
+        call.__doc__ = attr.__doc__
+        return call
+
+
+# ============================================================================
+# The worker
+# ============================================================================
+
+# Polling: a claim resets the sleep to the floor; each empty poll multiplies
+# it by 1.5 up to the cap.  The cap sets the idle cost: one LIST per 2.5 s
+# plus a heartbeat per 30 s and a lease check per 60 s is about 0.45
+# requests/s, ~$0.6 a month of S3 requests per idle worker.
+POLL_MIN = 0.1
+POLL_MAX = 2.5
+POLL_GROWTH = 1.5
+HEARTBEAT_INTERVAL = 30.0  # within the original's 60 s health threshold
+MONITOR_INTERVAL = 60.0  # lease recovery: one LIST of leases/ for all shards
+SWEEP_INTERVAL = 300.0  # one sweeper page (bounded requests) this often
+GRACE_PERIOD = 30.0  # seconds running handlers get to finish on shutdown
+# Handler threads per process.  Handlers of a task queue mostly wait on I/O;
+# 8 threads keep a process busy at S3's tens-of-ms latency while holding
+# few leases and connections.  CPU-bound handlers want 1 and more processes.
+CONCURRENCY = 8
+_SKIP_TTL = 60.0  # seconds an id known not to be ours / not claimable is skipped
+
+
+class TaskContext:
+    """What a handler that takes a second argument receives."""
+
+    def __init__(self, worker, task):
+        self._worker = worker
+        self.task = task
+
+    @property
+    def task_id(self):
+        return self.task.doc["id"]
+
+    @property
+    def attempt(self):
+        return self.task.doc.get("attempt", 0)
+
+    @property
+    def retry_count(self):
+        return self.task.doc.get("retry_count", 0)
+
+    @property
+    def worker_id(self):
+        return self._worker.worker_id
+
+    def extend_lease(self, seconds):
+        """Push this task's lease `seconds` further.  Raises LeaseMismatch
+        when the lease was already lost (the handler should stop)."""
+        self.task = self._worker._queue.extend_lease(self.task, seconds)
+        return self.task.lease_expires_at
+
+    def is_cancellation_requested(self):
+        """Whether someone asked to cancel this task (one GET)."""
+        latest = self._worker._queue.get(self.task_id)
+        return latest is None or bool(latest.doc.get("cancel_requested")) or latest.doc.get("lease_id") != \
+            self.task.doc.get("lease_id")
+
+
+class _Poller:
+    """The adaptive sleep between empty polls (pure apart from `rand`)."""
+
+    def __init__(self, floor, cap, growth=POLL_GROWTH, rand=random.random):
+        if not 0 < floor <= cap:
+            raise ValueError("poll interval bounds must satisfy 0 < poll_min <= poll_max, got %r and %r"
+                             % (floor, cap))
+        self.floor, self.cap, self.growth, self._rand = floor, cap, growth, rand
+        self.interval = floor
+
+    def reset(self):
+        self.interval = self.floor
+
+    def next_sleep(self):
+        """The sleep after an empty poll (±10% jitter so that workers started
+        together drift apart), growing toward the cap."""
+        sleep = self.interval * (0.9 + 0.2 * self._rand())
+        self.interval = min(self.cap, self.interval * self.growth)
+        return sleep
+
+
+class _Discovery:
+    """Finds claimable task ids in the ready index with as few LISTs as it
+    can: one LIST of `ready/` covers every shard while the index is small;
+    shards not served here and minutes still to come are jumped over with
+    start-after.  Candidates are kept between polls and taken in an order
+    of this worker's own, so that workers sharing a backlog do not all chase
+    the same first key."""
+
+    def __init__(self, queue, shards, rand, page_size=1000, max_lists=4):
+        self.queue = queue
+        self.shards = sorted(set(shards))
+        self.page_size = page_size
+        self.max_lists = max_lists
+        self._rand = rand
+        self._candidates = []
+        self._skip = {}  # task id -> monotonic time until which it is skipped
+        self._lock = threading.Lock()
+        self.lists = 0
+
+    def skip(self, task_id, seconds=_SKIP_TTL):
+        self._skip[task_id] = time.monotonic() + seconds
+
+    def take(self):
+        with self._lock:
+            while self._candidates:
+                key, task_id = self._candidates.pop()
+                until = self._skip.get(task_id)
+                if until is not None:
+                    if until > time.monotonic():
+                        continue
+                    del self._skip[task_id]
+                return key, task_id
+            return None
+
+    def refill(self, now):
+        """List the ready index; returns how many candidates are due."""
+        now_bucket = minute_bucket(now)
+        wanted = set(self.shards)
+        found = []
+        start = "ready/" + self.shards[0]  # sorts before every key of that shard
+        for _ in range(self.max_lists):
+            keys, truncated = self.queue.store.list("ready/", start_after=start, limit=self.page_size)
+            self.lists += 1
+            jump = None
+            for key in keys:
+                parsed = parse_index_key(key)
+                if parsed is None:
+                    continue
+                shard, bucket, task_id = parsed
+                if shard in wanted and bucket <= now_bucket:
+                    found.append((key, task_id))
+            if not truncated or not keys:
+                break
+            last = parse_index_key(keys[-1]) or (keys[-1].split("/")[1], "", "")
+            if last[0] not in wanted or last[1] > now_bucket:
+                # The rest of that shard is not for us (or not due): skip it.
+                later = [s for s in self.shards if s > last[0]]
+                if not later:
+                    break
+                jump = "ready/" + later[0]
+            if found:
+                break  # enough to work on; the rest waits for the next poll
+            start = jump or keys[-1]
+        now_mono = time.monotonic()
+        with self._lock:
+            self._skip = {k: v for k, v in self._skip.items() if v > now_mono}
+            fresh = [c for c in found if c[1] not in self._skip]
+            # A random order per worker and poll: workers sharing a backlog
+            # rarely try the same key.  take() pops from the end.
+            r = self._rand
+            fresh.sort(key=lambda c: r())
+            self._candidates = fresh
+            return len(fresh)
+
+
+class Worker:
+    """Runs handlers for task types, claiming tasks from some shards.
+
+        worker = Worker(queue, "worker-1", ["0", "1", "2", "3"])
+
+        @worker.task("send_email")
+        def handle(input):              # or async def; or (input, ctx)
+            return {"sent": True}
+
+        worker.run()                    # or: await worker.run()
+
+    Handlers raise RetryableError (retry with backoff), PermanentError
+    (fail now) or RescheduleError(seconds); any other exception is a
+    retryable failure recorded as "ExceptionName: message"; a result that is
+    not JSON fails the task permanently.  A handler still running when its
+    lease ends loses the task to recovery, and its late result is refused.
+    """
+
+    def __init__(self, queue, worker_id=None, shards=None, *, concurrency=CONCURRENCY, poll_min=POLL_MIN,
+                 poll_max=POLL_MAX, max_tasks=None, drain=False, grace_period=GRACE_PERIOD, monitor=True,
+                 heartbeat_interval=HEARTBEAT_INTERVAL, monitor_interval=MONITOR_INTERVAL,
+                 sweep_interval=SWEEP_INTERVAL, rand=None):
+        queue = getattr(queue, "sync", queue)  # an AsyncQueue wraps a Queue
+        if not isinstance(queue, Queue):
+            raise TypeError("Worker needs a Queue (from buquet.connect()), got %r" % (queue,))
+        self.worker_id = _check_name(worker_id or "worker-%s" % uuid.uuid4().hex[:8], "worker_id")
+        shards = list(queue.shards if shards is None else shards)
+        if not shards:
+            raise ValueError("shards must name at least one shard")
+        for s in shards:
+            queue._check_shard(s)
+        self.shards = shards
+        self.concurrency = _uint(concurrency, "concurrency", 1, 1024)
+        if max_tasks is not None:
+            _uint(max_tasks, "max_tasks", 1, 10 ** 12)
+        self.max_tasks = max_tasks
+        self.drain = bool(drain)
+        self.grace_period = _seconds(grace_period, "grace_period")
+        self.monitor = bool(monitor)
+        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval")
+        self.monitor_interval = _seconds(monitor_interval, "monitor_interval")
+        self.sweep_interval = _seconds(sweep_interval, "sweep_interval")
+        self._rand = rand or random.Random().random
+        self._poller = _Poller(_seconds(poll_min, "poll_min"), _seconds(poll_max, "poll_max"), rand=self._rand)
+        # Our own Queue over the same store: index upkeep goes to a background
+        # thread here without changing the caller's queue.
+        self._queue = Queue(queue.store, shard_prefix_len=queue.shard_prefix_len, rand=self._rand)
+        self._queue.run_index_ops = self._defer_index_ops
+        self._discovery = _Discovery(self._queue, shards, self._rand)
+        self.handlers = {}
+        self._hooks = {"on_startup": [], "on_shutdown": [], "on_success": [], "on_error": []}
+        self._running = {}  # task id -> Task, for heartbeats and shutdown requeue
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._claimed = 0
+        self.completed = 0
+        self.failed = 0
+        self._index_jobs = []
+        self._index_cond = threading.Condition()
+        self._index_thread = None
+        self._index_stop = False
+        self._loop = None  # the event loop coroutine handlers run on
+        self._own_loop = None
+        self._started_at = None
+
+    def __repr__(self):
+        return "Worker(%r, shards=%r, handlers=%r)" % (self.worker_id, self.shards, sorted(self.handlers))
+
+    # -- registration --------------------------------------------------------------
+
+    def task(self, task_type):
+        """Decorator registering a handler (function or coroutine function)
+        for a task type."""
+        _check_name(task_type, "task_type")
+
+        def register(fn):
+            if not callable(fn):
+                raise TypeError("a handler must be callable, got %r" % (fn,))
+            self.handlers[task_type] = fn
+            return fn
+        return register
+
+    def _hook(name):
+        def register(self, fn):
+            self._hooks[name].append(fn)
+            return fn
+        register.__name__ = name
+        register.__doc__ = "Decorator: call fn at %s." % name.replace("on_", "").replace("_", " ")
+        return register
+
+    on_startup = _hook("on_startup")  # fn(worker)
+    on_shutdown = _hook("on_shutdown")  # fn(worker)
+    on_success = _hook("on_success")  # fn(task, output)
+    on_error = _hook("on_error")  # fn(task, exception)
+    del _hook
+
+    def _call_hooks(self, name, *args):
+        for fn in self._hooks[name]:
+            try:
+                result = fn(*args)
+                if _is_awaitable(result):
+                    self._await(result)
+            except Exception as exc:  # a hook must not take the worker down
+                _warn("%s hook %r failed: %s: %s", name, fn, type(exc).__name__, exc)
+
+    # -- the step ------------------------------------------------------------------
+
+    def step(self):
+        """Claim and run at most one task.  Returns (ran, seconds to wait
+        before the next step)."""
+        if self._stopping.is_set():
+            return False, 0.0
+        with self._lock:
+            if self.max_tasks is not None and self._claimed >= self.max_tasks:
+                return False, 0.0
+        task = self._claim_one()
+        if task is None:
+            return False, self._poller.next_sleep()
+        self._poller.reset()
+        self._execute(task)
+        return True, 0.0
+
+    def _claim_one(self):
+        q = self._queue
+        types = set(self.handlers)
+        for _ in range(2):
+            candidate = self._discovery.take()
+            if candidate is None:
+                if not self._discovery.refill(q.now()):
+                    return None
+                continue
+            while candidate is not None:
+                if self._stopping.is_set():
+                    return None
+                key, task_id = candidate
+                task = self._try_claim(key, task_id, types)
+                if task is not None:
+                    return task
+                candidate = self._discovery.take()
+        return None
+
+    def _try_claim(self, key, task_id, types):
+        q = self._queue
+        with self._lock:
+            if self.max_tasks is not None and self._claimed >= self.max_tasks:
+                return None
+            self._claimed += 1
+        task = None
+        try:
+            task = q.claim(task_id, self.worker_id, types, ready_key=key)
+        except BuquetError as exc:
+            _warn("claim of %s failed: %s", task_id, exc)
+        finally:
+            if task is None:
+                with self._lock:
+                    self._claimed -= 1
+        if task is None:
+            # Not ours (other type), not pending, or lost the race: skip it
+            # for a while instead of reading it again every poll.
+            self._discovery.skip(task_id)
+        return task
+
+    # -- running a handler -------------------------------------------------------------
+
+    def _execute(self, task):
+        q = self._queue
+        task_id = task.doc["id"]
+        with self._lock:
+            self._running[task_id] = task
+        ctx = TaskContext(self, task)
+        try:
+            handler = self.handlers[task.doc["task_type"]]
+            try:
+                output = _call_handler(handler, q.load_input(task), ctx, self._await)
+            except RescheduleError as exc:
+                self._finish(ctx, q.reschedule, exc.delay_seconds, error=exc)
+            except PermanentError as exc:
+                self._finish(ctx, q.fail, _error_text(exc), error=exc)
+            except Exception as exc:  # any other failure: retry with backoff
+                self._finish(ctx, q.retry, _error_text(exc), error=exc)
+            else:
+                try:
+                    _check_json(output, "handler result")
+                except ValueError as exc:  # retrying would give the same result
+                    self._finish(ctx, q.fail, "PermanentError: %s" % exc, error=exc)
+                else:
+                    self._finish(ctx, q.complete, output, output=output)
+        finally:
+            with self._lock:
+                self._running.pop(task_id, None)
+                self._wake.notify_all()
+
+    def _finish(self, ctx, operation, arg, error=None, output=None):
+        try:
+            final = operation(ctx.task, arg)
+        except LeaseMismatch as exc:
+            _warn("task %s: result dropped: %s", ctx.task_id, exc)
+            return
+        except InvalidTransition as exc:
+            _warn("task %s: result dropped: %s", ctx.task_id, exc)
+            return
+        except BuquetError as exc:
+            _warn("task %s: could not record the result: %s", ctx.task_id, exc)
+            return
+        status = final.doc.get("status")
+        if status == "completed":
+            self.completed += 1
+            self._call_hooks("on_success", final, output)
+        else:
+            if status == "failed":
+                self.failed += 1
+            if error is not None:
+                self._call_hooks("on_error", final, error)
+
+    # -- background index upkeep -------------------------------------------------------
+
+    def _defer_index_ops(self, puts, deletes):
+        with self._index_cond:
+            self._index_jobs.append((puts, deletes))
+            self._index_cond.notify()
+
+    def _index_loop(self):
+        while True:
+            with self._index_cond:
+                while not self._index_jobs:
+                    if self._index_stop:
+                        return
+                    self._index_cond.wait()
+                puts, deletes = self._index_jobs.pop(0)
+            self._queue._index_now(puts, deletes)
+
+    def _flush_index(self):
+        with self._index_cond:
+            self._index_stop = True
+            self._index_cond.notify_all()
+        if self._index_thread is not None:
+            self._index_thread.join()
+
+    # -- housekeeping: heartbeat and monitor ---------------------------------------------
+
+    def _heartbeat(self):
+        now = self._queue.now()
+        with self._lock:
+            running = list(self._running)
+        doc = {
+            "worker_id": self.worker_id, "started_at": format_timestamp(self._started_at or now),
+            "last_heartbeat": format_timestamp(now), "shards": self.shards,
+            "current_task": running[0] if running else None, "tasks_completed": self.completed,
+            "tasks_failed": self.failed, "running_tasks": running, "concurrency": self.concurrency,
+            "pid": os.getpid(),
+        }
+        try:
+            self._queue.store.put(worker_key(self.worker_id), dumps(doc).encode("utf-8"))
+        except BuquetError as exc:
+            _warn("heartbeat failed: %s", exc)
+
+    def _housekeeping(self):
+        """Heartbeats and, with the monitor on, lease recovery and sweeping,
+        each on its own timer."""
+        sweeper = self._queue.sweeper()
+        due = {"heartbeat": 0.0, "monitor": self.monitor_interval * self._rand(), "sweep": self.sweep_interval}
+        started = time.monotonic()
+        while not self._stopping.wait(1.0 if self.heartbeat_interval > 1 else self.heartbeat_interval):
+            elapsed = time.monotonic() - started
+            if elapsed >= due["heartbeat"]:
+                due["heartbeat"] = elapsed + self.heartbeat_interval
+                self._heartbeat()
+            if not self.monitor:
+                continue
+            try:
+                if elapsed >= due["monitor"]:
+                    due["monitor"] = elapsed + self.monitor_interval
+                    self._queue.recover_expired_leases()
+                if elapsed >= due["sweep"]:
+                    due["sweep"] = elapsed + self.sweep_interval
+                    sweeper.step()
+            except BuquetError as exc:
+                _warn("monitor: %s", exc)
+
+    # -- running -----------------------------------------------------------------------
+
+    def stop(self):
+        """Stop claiming; running handlers get the grace period to finish."""
+        self._stopping.set()
+        with self._lock:
+            self._wake.notify_all()
+
+    def run(self, *, install_signal_handlers=True):
+        """Run until stopped (signal, `stop()`, `max_tasks`, or an empty
+        queue in drain mode).  Inside a running event loop this returns a
+        coroutine (`await worker.run()`), and coroutine handlers run on that
+        loop; otherwise it blocks."""
+        loop = _running_loop()
+        if loop is not None:
+            return self._run_async(loop, install_signal_handlers)
+        return self._run(install_signal_handlers)
+
+    async def _run_async(self, loop, install_signal_handlers):
+        import signal
+
+        self._loop = loop
+        if install_signal_handlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self._on_signal, sig, None)
+                except (NotImplementedError, RuntimeError):
+                    pass
+        try:
+            return await loop.run_in_executor(None, self._run, False)
+        finally:
+            if install_signal_handlers:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    try:
+                        loop.remove_signal_handler(sig)
+                    except (NotImplementedError, RuntimeError):
+                        pass
+
+    def _on_signal(self, signum, frame):
+        if self._stopping.is_set():
+            # A second signal: leave now; the leases bring the tasks back.
+            os._exit(128 + int(signum))
+        self.stop()
+
+    def _run(self, install_signal_handlers=True):
+        if not self.handlers:
+            raise BuquetError("worker %s has no handlers: register one with @worker.task(\"type\")"
+                              % self.worker_id)
+        previous = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            import signal
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        self._stopping.clear()
+        self._index_stop = False
+        self._index_thread = threading.Thread(target=self._index_loop, name="buquet-index", daemon=True)
+        self._index_thread.start()
+        self._started_at = self._queue.now()
+        self._heartbeat()
+        housekeeping = threading.Thread(target=self._housekeeping, name="buquet-housekeeping", daemon=True)
+        housekeeping.start()
+        self._call_hooks("on_startup", self)
+        try:
+            slots = [threading.Thread(target=self._slot_loop, name="buquet-handler-%d" % i, daemon=True)
+                     for i in range(self.concurrency)]
+            for t in slots:
+                t.start()
+            self._supervise(slots)
+        finally:
+            self._shutdown(housekeeping)
+            for sig, handler in previous.items():
+                import signal
+
+                signal.signal(sig, handler)
+        return 0
+
+    def _slot_loop(self):
+        while not self._stopping.is_set():
+            ran, wait = self.step()
+            if ran:
+                continue
+            with self._lock:
+                if self.max_tasks is not None and self._claimed >= self.max_tasks:
+                    return
+                if self.drain and not self._running:
+                    return
+                self._wake.wait(wait)
+
+    def _supervise(self, slots):
+        while any(t.is_alive() for t in slots):
+            if self._stopping.is_set():
+                deadline = time.monotonic() + self.grace_period
+                for t in slots:
+                    t.join(max(0.0, deadline - time.monotonic()))
+                return
+            for t in slots:
+                t.join(0.2)
+
+    def _shutdown(self, housekeeping):
+        self._stopping.set()
+        with self._lock:
+            unfinished = list(self._running.values())
+        for task in unfinished:
+            # Past the grace period: back to pending at once, no attempt lost.
+            try:
+                self._queue.requeue(task)
+            except BuquetError as exc:
+                _warn("could not requeue task %s: %s", task.doc["id"], exc)
+        self._flush_index()
+        housekeeping.join(timeout=5)
+        try:
+            self._queue.store.delete(worker_key(self.worker_id))
+        except BuquetError as exc:
+            _warn("could not deregister: %s", exc)
+        self._call_hooks("on_shutdown", self)
+        if self._own_loop is not None:
+            self._own_loop.call_soon_threadsafe(self._own_loop.stop)
+            self._own_loop = None
+
+    # -- coroutines ----------------------------------------------------------------------
+
+    def _await(self, coro):
+        """Run a coroutine on the worker's event loop from a handler thread."""
+        import asyncio
+
+        loop = self._loop
+        if loop is None:
+            with self._lock:
+                if self._own_loop is None:
+                    self._own_loop = asyncio.new_event_loop()
+                    threading.Thread(target=self._own_loop.run_forever, name="buquet-asyncio", daemon=True).start()
+                loop = self._own_loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    # -- AWS Lambda --------------------------------------------------------------------
+
+    def lambda_handler(self, event=None, context=None, *, margin=None):
+        """An AWS Lambda handler: drain the queue until the invocation's
+        remaining time runs low, then requeue what is still running.
+
+        `margin` (seconds kept in reserve) defaults to 10% of the invocation
+        time, at least 5 s, so results and requeues are written in time."""
+        remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
+        budget = remaining_ms() / 1000.0 if remaining_ms else 900.0
+        reserve = margin if margin is not None else max(5.0, budget * 0.1)
+        deadline = time.monotonic() + budget - reserve
+        self.drain = True
+        timer = threading.Timer(max(0.0, budget - reserve), self.stop)
+        timer.daemon = True
+        timer.start()
+        saved = self.grace_period
+        self.grace_period = max(0.0, min(saved, reserve / 2.0))
+        try:
+            self._run(install_signal_handlers=False)
+        finally:
+            timer.cancel()
+            self.grace_period = saved
+        return {"worker_id": self.worker_id, "completed": self.completed, "failed": self.failed,
+                "stopped_early": time.monotonic() >= deadline}
+
+
+def _is_awaitable(value):
+    return hasattr(value, "__await__")
+
+
+def _running_loop():
+    asyncio = sys.modules.get("asyncio")  # not imported: no loop can be running
+    if asyncio is None:
+        return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _call_handler(handler, input, ctx, run_coroutine):
+    if _wants_context(handler):
+        result = handler(input, ctx)
+    else:
+        result = handler(input)
+    if _is_awaitable(result):
+        result = run_coroutine(result)
+    return result
+
+
+def _wants_context(handler):
+    code = getattr(handler, "__code__", None)
+    if code is None:
+        return False
+    positional = code.co_argcount - (1 if getattr(handler, "__self__", None) is not None else 0)
+    return positional >= 2 or bool(code.co_flags & 0x04)  # two parameters, or *args
+
+
+def _error_text(exc):
+    text = str(exc)
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
