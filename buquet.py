@@ -79,6 +79,9 @@ __all__ = [
     "RetryableError",
     "RetryPolicy",
     "S3Store",
+    "Schedule",
+    "ScheduleError",
+    "Scheduler",
     "StoreError",
     "Task",
     "TaskContext",
@@ -225,12 +228,16 @@ def parse_timestamp(text):
     leap = second == 60  # chrono accepts a leap second; Python cannot hold it
     frac = m.group(7) or ""
     micro = int(frac[:6].ljust(6, "0")) if frac else 0
-    dt = datetime(year, month, day, hour, minute, 59 if leap else second, micro, tzinfo=timezone.utc)
-    if leap:
-        dt = dt.replace(microsecond=999999)
-    if m.group(10):
-        offset = timedelta(hours=int(m.group(11)), minutes=int(m.group(12)))
-        dt = dt - offset if m.group(10) == "+" else dt + offset
+    try:
+        dt = datetime(year, month, day, hour, minute, 59 if leap else second, micro, tzinfo=timezone.utc)
+        if leap:
+            dt = dt.replace(microsecond=999999)
+        if m.group(10):
+            offset = timedelta(hours=int(m.group(11)), minutes=int(m.group(12)))
+            dt = dt - offset if m.group(10) == "+" else dt + offset
+    except (ValueError, OverflowError) as exc:
+        # OverflowError too: a document is then unreadable, not fatal to a poll.
+        raise ValueError("timestamp %r is out of range: %s" % (text, exc)) from None
     return dt
 
 
@@ -606,6 +613,15 @@ def _ms(dt, ms):
     return dt + timedelta(milliseconds=ms)
 
 
+def _add_seconds(dt, seconds):
+    # A valid document may carry any u64 timeout; past year 9999 the lease
+    # saturates rather than make every claim of the task raise.
+    try:
+        return dt + timedelta(seconds=seconds)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=timezone.utc)
+
+
 def transition(doc, event, now, *, lease_id=None, **args):
     """The document after `event` at time `now` (a new dict; `doc` is not
     changed).  Raises InvalidTransition when the task's state does not allow
@@ -635,7 +651,7 @@ def transition(doc, event, now, *, lease_id=None, **args):
             worker_id=args["worker_id"],
             lease_id=args["new_lease_id"],
             attempt=doc.get("attempt", 0) + 1,
-            lease_expires_at=format_timestamp(now + timedelta(seconds=timeout)),
+            lease_expires_at=format_timestamp(_add_seconds(now, timeout)),
         )
     elif event == "complete":
         # Unlike the original, a success clears the error of an earlier attempt.
@@ -1236,7 +1252,7 @@ class Queue:
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError("ttl must be positive (a TTL in the past expires the task at once), got %r" % (ttl,))
         exp_dt = None if expires_at is None else _instant(expires_at, "expires_at")
-        if exp_dt is not None and exp_dt <= _utc_now():
+        if exp_dt is not None and exp_dt <= self.now():  # the store's clock, as every queue decision
             raise ValueError("expires_at is in the past: %s" % format_timestamp(exp_dt))
         _uint(timeout, "timeout", 1, _U64)
         _uint(max_retries, "max_retries")
@@ -1367,9 +1383,10 @@ class Queue:
                 write = {"if_match": blob.etag}
                 continue
             if record.get("input_hash") != input_hash:
-                raise IdempotencyConflict(
-                    "Idempotency conflict: key %r was used with different input (existing task %s)"
-                    % (key, record_task_id))
+                raise IdempotencyConflict(  # the original's wording (spec 6.2)
+                    "Idempotency conflict: Idempotency key '%s' was used with different input. Existing task: %s. "
+                    "Input hash mismatch: expected %s, got %s"
+                    % (key, record_task_id, record.get("input_hash"), input_hash))
             existing, _ = self._read(record_task_key)
             if existing is not None:
                 return existing
@@ -1524,6 +1541,7 @@ class Queue:
         """Claim one task by id if it is pending, due, and of a wanted type.
         Returns the running Task, or None (not claimable, or another worker
         won).  Costs GET + PUT, then the index moves (lease in, ready out)."""
+        task_id = _task_id(task_id)
         key = self._key_for(task_id)
         task, _ = self._read(key)
         if task is None:
@@ -2080,7 +2098,7 @@ class Worker:
     def __init__(self, queue, worker_id=None, shards=None, *, concurrency=CONCURRENCY, poll_min=POLL_MIN,
                  poll_max=POLL_MAX, max_tasks=None, drain=False, grace_period=GRACE_PERIOD, monitor=True,
                  heartbeat_interval=HEARTBEAT_INTERVAL, monitor_interval=MONITOR_INTERVAL,
-                 sweep_interval=SWEEP_INTERVAL, rand=None):
+                 sweep_interval=SWEEP_INTERVAL, scheduler=True, rand=None):
         queue = getattr(queue, "sync", queue)  # an AsyncQueue wraps a Queue
         if not isinstance(queue, Queue):
             raise TypeError("Worker needs a Queue (from buquet.connect()), got %r" % (queue,))
@@ -2098,6 +2116,7 @@ class Worker:
         self.drain = bool(drain)
         self.grace_period = _seconds(grace_period, "grace_period")
         self.monitor = bool(monitor)
+        self.scheduler = bool(scheduler)  # fire due schedules (any number of workers may)
         self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval")
         self.monitor_interval = _seconds(monitor_interval, "monitor_interval")
         self.sweep_interval = _seconds(sweep_interval, "sweep_interval")
@@ -2320,24 +2339,27 @@ class Worker:
         """Heartbeats and, with the monitor on, lease recovery and sweeping,
         each on its own timer."""
         sweeper = self._queue.sweeper()
-        due = {"heartbeat": 0.0, "monitor": self.monitor_interval * self._rand(), "sweep": self.sweep_interval}
+        scheduler = Scheduler(self._queue)
+        due = {"heartbeat": 0.0, "monitor": self.monitor_interval * self._rand(), "sweep": self.sweep_interval,
+               "schedule": 0.0}
         started = time.monotonic()
-        while not self._stopping.wait(1.0 if self.heartbeat_interval > 1 else self.heartbeat_interval):
+        while not self._stopping.wait(min(1.0, self.heartbeat_interval)):
             elapsed = time.monotonic() - started
             if elapsed >= due["heartbeat"]:
                 due["heartbeat"] = elapsed + self.heartbeat_interval
                 self._heartbeat()
-            if not self.monitor:
-                continue
             try:
-                if elapsed >= due["monitor"]:
+                if self.scheduler and elapsed >= due["schedule"]:
+                    _, wait = scheduler.tick()
+                    due["schedule"] = elapsed + wait + 0.05
+                if self.monitor and elapsed >= due["monitor"]:
                     due["monitor"] = elapsed + self.monitor_interval
                     self._queue.recover_expired_leases()
-                if elapsed >= due["sweep"]:
+                if self.monitor and elapsed >= due["sweep"]:
                     due["sweep"] = elapsed + self.sweep_interval
                     sweeper.step()
             except BuquetError as exc:
-                _warn("monitor: %s", exc)
+                _warn("housekeeping: %s", exc)
 
     # -- running -----------------------------------------------------------------------
 
@@ -2536,3 +2558,313 @@ def _wants_context(handler):
 def _error_text(exc):
     text = str(exc)
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
+
+# ============================================================================
+# Schedules: recurring tasks, each due time submitted exactly once
+# ============================================================================
+#
+# schedules/{id}.json holds the schedule (the original's fields, plus an
+# optional `timezone`); schedules/{id}/last_run.json the last run.  A tick
+# submits the due run with the idempotency key `schedule:{id}:{due unix
+# seconds}` (the original's key), so any number of schedulers racing on the
+# same due time yield one task; the last-run record then moves forward by
+# compare-and-swap.  Policies:
+#   * a new schedule waits for its first due time after creation;
+#   * after downtime, missed runs are caught up once: the latest due time
+#     that has passed fires, the earlier ones are skipped.
+# Cron expressions are standard crontab(5) (cron.py); the original read
+# day-of-week 1-7 from Sunday, so schedules with a day-of-week field mean
+# different days in the two implementations (see the README).
+
+SCHEDULE_TICK = 60.0  # seconds between looks at the schedules; runs fire on time in between
+_SCHEDULE_FIELDS = ("id", "task_type", "input", "cron", "enabled", "timeout_seconds", "max_retries",
+                    "created_at", "updated_at")
+_MAX_CATCH_UP_STEPS = 100000  # due times walked to find the latest missed one
+
+
+class ScheduleError(BuquetError):
+    """A schedule operation that cannot be done (exists, missing, bad cron)."""
+
+
+def schedule_key(schedule_id):
+    return "schedules/%s.json" % schedule_id
+
+
+def last_run_key(schedule_id):
+    return "schedules/%s/last_run.json" % schedule_id
+
+
+def _cron_for(expr, tz):
+    import cron
+
+    try:
+        return cron.Cron(expr, tz)
+    except cron.CronError as exc:
+        raise ScheduleError(str(exc)) from None
+
+
+class Schedule:
+    """A schedule as read from the bucket; the document's fields as
+    attributes (timestamps as datetimes)."""
+
+    __slots__ = ("doc", "etag", "_cron")
+
+    def __init__(self, doc, etag=None):
+        self.doc = doc
+        self.etag = etag
+        self._cron = None
+
+    def __getattr__(self, name):
+        if name in ("created_at", "updated_at"):
+            value = self.doc.get(name)
+            return parse_timestamp(value) if value else None
+        if name == "enabled":
+            return self.doc.get("enabled", True)
+        if name in _SCHEDULE_FIELDS or name == "timezone":
+            return self.doc.get(name)
+        raise AttributeError(name)
+
+    def __repr__(self):
+        return "Schedule(id=%r, task_type=%r, cron=%r, enabled=%r)" % (
+            self.doc.get("id"), self.doc.get("task_type"), self.doc.get("cron"), self.enabled)
+
+    @property
+    def cron_schedule(self):
+        if self._cron is None:
+            self._cron = _cron_for(self.doc["cron"], self.doc.get("timezone"))
+        return self._cron
+
+    def next_runs(self, after, n=5):
+        """The next `n` due times strictly after `after`, in the schedule's
+        time zone."""
+        out = []
+        for _ in range(n):
+            after = self.cron_schedule.next_after(after)
+            out.append(after)
+        return out
+
+    def to_dict(self):
+        return json.loads(dumps(self.doc))
+
+
+def _decode_schedule(body, etag):
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ScheduleError("schedule is not JSON: %s" % exc) from None
+    if not isinstance(doc, dict):
+        raise ScheduleError("schedule must be a JSON object")
+    for name in ("id", "task_type", "cron"):
+        if not isinstance(doc.get(name), str):
+            raise ScheduleError("schedule field %s must be a string" % name)
+    if "input" not in doc:
+        raise ScheduleError("schedule field input is missing")
+    return Schedule(doc, etag)
+
+
+def due_run(cron_schedule, after, now):
+    """The due time to fire now, or None: the latest due time in
+    (after, now] (so missed runs are caught up once), pure."""
+    due = cron_schedule.next_after(after)
+    if due > now:
+        return None
+    for _ in range(_MAX_CATCH_UP_STEPS):
+        following = cron_schedule.next_after(due)
+        if following > now:
+            return due
+        due = following
+    return due
+
+
+class _Schedules:
+    """The schedule operations of a Queue (mixed into it below)."""
+
+    def create_schedule(self, schedule_id, task_type, input=None, cron=None, *, timezone=None, timeout=None,
+                        max_retries=None, enabled=True):
+        """Create a schedule; ScheduleError if one with this id exists.  The
+        first run is the first due time after now."""
+        _check_name(schedule_id, "schedule id")
+        _check_name(task_type, "task_type")
+        _check_json(input, "input")
+        if not isinstance(cron, str):
+            raise ValueError("cron must be a cron expression string, got %r" % (cron,))
+        _cron_for(cron, timezone)  # validates both
+        if timeout is not None:
+            _uint(timeout, "timeout", 1, _U64)
+        if max_retries is not None:
+            _uint(max_retries, "max_retries")
+        ts = format_timestamp(self.now())
+        doc = {"id": schedule_id, "task_type": task_type, "input": input, "cron": cron, "enabled": bool(enabled),
+               "timeout_seconds": timeout, "max_retries": max_retries, "created_at": ts, "updated_at": ts}
+        if timezone is not None:
+            doc["timezone"] = timezone if isinstance(timezone, str) else str(timezone)
+        try:
+            etag = self.store.put(schedule_key(schedule_id), dumps(doc).encode("utf-8"), if_none_match=True)
+        except ConflictError:
+            raise ScheduleError("Schedule already exists: %s" % schedule_id) from None
+        return Schedule(doc, etag)
+
+    def get_schedule(self, schedule_id):
+        blob = self.store.get(schedule_key(schedule_id))
+        return None if blob is None else _decode_schedule(blob.body, blob.etag)
+
+    def _schedule(self, schedule_id):
+        found = self.get_schedule(schedule_id)
+        if found is None:
+            raise ScheduleError("no schedule %r" % (schedule_id,))
+        return found
+
+    def list_schedules(self):
+        """Every readable schedule, by id; unreadable ones are reported in
+        `skipped` and left alone."""
+        keys = []
+        start = None
+        while True:
+            page, truncated = self.store.list("schedules/", start_after=start, limit=1000)
+            keys.extend(k for k in page if k.lower().endswith(".json") and not k.endswith("/last_run.json"))
+            if not truncated or not page:
+                break
+            start = page[-1]
+
+        def read(key):
+            blob = self.store.get(key)
+            if blob is None:
+                return None
+            try:
+                return _decode_schedule(blob.body, blob.etag)
+            except ScheduleError as exc:
+                self.skipped[key] = str(exc)
+                return None
+        return [s for s in self._map(read, keys) if s is not None]
+
+    def delete_schedule(self, schedule_id):
+        self._schedule(schedule_id)
+        self.store.delete(schedule_key(schedule_id))
+        self.store.delete(last_run_key(schedule_id))
+
+    def _set_enabled(self, schedule_id, enabled):
+        for _ in range(8):
+            current = self._schedule(schedule_id)
+            doc = dict(current.doc, enabled=enabled, updated_at=format_timestamp(self.now()))
+            try:
+                etag = self.store.put(schedule_key(schedule_id), dumps(doc).encode("utf-8"), if_match=current.etag)
+                return Schedule(doc, etag)
+            except ConflictError:
+                continue
+        raise ConflictError("schedule %s keeps changing; gave up" % schedule_id)
+
+    def enable_schedule(self, schedule_id):
+        return self._set_enabled(schedule_id, True)
+
+    def disable_schedule(self, schedule_id):
+        return self._set_enabled(schedule_id, False)
+
+    def _submit_for(self, schedule, **extra):
+        doc = schedule.doc
+        return self.submit(
+            doc["task_type"], doc.get("input"),
+            timeout=doc.get("timeout_seconds") or DEFAULT_TIMEOUT,
+            max_retries=DEFAULT_MAX_RETRIES if doc.get("max_retries") is None else doc["max_retries"],
+            **extra)
+
+    def trigger_schedule(self, schedule_id):
+        """Submit one run now (no effect on the schedule's own runs)."""
+        return self._submit_for(self._schedule(schedule_id))
+
+    def get_last_run(self, schedule_id):
+        """The last-run record (dict) or None."""
+        blob = self.store.get(last_run_key(schedule_id))
+        if blob is None:
+            return None
+        try:
+            record = json.loads(blob.body)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _tick_one(self, schedule, now):
+        sid = schedule.doc["id"]
+        blob = self.store.get(last_run_key(sid))
+        record = None
+        if blob is not None:
+            try:
+                record = json.loads(blob.body)
+            except ValueError:
+                record = None
+        after = None
+        if isinstance(record, dict):
+            for name in ("last_due_at", "last_run_at"):  # ours, then the original's
+                try:
+                    after = parse_timestamp(record[name])
+                    break
+                except (KeyError, ValueError, TypeError):
+                    continue
+        if after is None:
+            after = schedule.created_at or now
+        due = due_run(schedule.cron_schedule, after, now)
+        if due is None:
+            return None
+        stamp = int(due.timestamp())
+        task = self._submit_for(schedule, idempotency_key="schedule:%s:%d" % (sid, stamp))
+        following = schedule.cron_schedule.next_after(due)
+        new = {"schedule_id": sid, "last_run_at": format_timestamp(now), "last_task_id": task.doc["id"],
+               "next_run_at": format_timestamp(following), "last_due_at": format_timestamp(due)}
+        try:
+            if blob is None:
+                self.store.put(last_run_key(sid), dumps(new).encode("utf-8"), if_none_match=True)
+            else:
+                self.store.put(last_run_key(sid), dumps(new).encode("utf-8"), if_match=blob.etag)
+        except ConflictError:
+            pass  # another scheduler recorded this run (same task, by the key)
+        return task
+
+
+# Schedule operations are Queue methods; they are defined here so that this
+# section holds all of scheduling.
+for _name in [n for n in vars(_Schedules) if not n.startswith("__")]:
+    setattr(Queue, _name, vars(_Schedules)[_name])
+del _name
+
+
+class Scheduler:
+    """The scheduler loop: `tick()` submits every due run once and says how
+    long to wait; `run()` loops until stopped.  It runs inside `buquet
+    worker` (unless disabled) and alone as `buquet schedule run`; any number
+    may run at once."""
+
+    def __init__(self, queue, *, interval=SCHEDULE_TICK):
+        self.queue = getattr(queue, "sync", queue)
+        self.interval = _seconds(interval, "interval")
+        self.fired = 0
+
+    def tick(self, now=None):
+        """(submitted Tasks, seconds until the next look)."""
+        q = self.queue
+        now = now or q.now()
+        fired = []
+        wait = self.interval
+        for schedule in q.list_schedules():
+            if not schedule.enabled:
+                continue
+            try:
+                task = q._tick_one(schedule, now)
+                if task is not None:
+                    fired.append(task)
+                upcoming = schedule.cron_schedule.next_after(now)
+                wait = min(wait, max(0.0, (upcoming - now).total_seconds()))
+            except (BuquetError, ValueError) as exc:
+                _warn("schedule %s: %s", schedule.doc.get("id"), exc)
+        self.fired += len(fired)
+        return fired, wait
+
+    def run(self, stop=None):
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            try:
+                _, wait = self.tick()
+            except BuquetError as exc:
+                _warn("scheduler: %s", exc)
+                wait = self.interval
+            # Wake just after the due minute starts, not before it.
+            stop.wait(wait + 0.05)
