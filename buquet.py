@@ -739,6 +739,8 @@ def index_keys(doc):
 #       Unconditional; deleting a missing key is not an error.
 #   list(prefix, *, start_after=None, limit=1000) -> ([keys], truncated)
 #       Keys under prefix, after start_after, ascending UTF-8 byte order.
+#       start_after is a key, or a "directory" ending in "/": SeaweedFS reads
+#       "a" as the whole a/ subtree and skips it, where S3 lists a/b.
 #   versions(key) -> [Version] newest first, or raise VersioningUnavailable
 #   get_version(key, version_id) -> Blob | None
 #   now() -> aware UTC datetime: the store's clock (S3: the server's).
@@ -1541,39 +1543,49 @@ class Queue:
         """Claim one task by id if it is pending, due, and of a wanted type.
         Returns the running Task, or None (not claimable, or another worker
         won).  Costs GET + PUT, then the index moves (lease in, ready out)."""
+        return self._claim(task_id, worker_id, task_types, ready_key)[0]
+
+    def _claim(self, task_id, worker_id, task_types, ready_key):
+        """claim's work.  Returns (running Task, None) or (None, wait): the
+        seconds before another try could succeed (not yet due), 0.0 when
+        that may be any time (a worker holds it, or the race was lost), None
+        when it cannot become claimable by itself (gone, foreign type,
+        finished, expired).  A worker sizes its skip cache with it."""
         task_id = _task_id(task_id)
         key = self._key_for(task_id)
         task, _ = self._read(key)
         if task is None:
-            return None
+            return None, None
         doc = task.doc
         if task_types is not None and doc["task_type"] not in task_types:
-            return None
-        if doc.get("status", "pending") != "pending":
-            return None
+            return None, None
+        status = doc.get("status", "pending")
+        if status != "pending":
+            return None, (0.0 if status == "running" else None)
         now = self.now()
         if doc.get("expires_at") and now >= parse_timestamp(doc["expires_at"]):
             try:
                 self._write(task, "expire", also_delete=[ready_key] if ready_key else (), attempts=1)
             except (BuquetError,) as exc:
                 _warn("could not mark task %s expired: %s", task_id, exc)
-            return None
-        if now < parse_timestamp(doc["available_at"]):
-            return None
+            return None, None
+        available = parse_timestamp(doc["available_at"])
+        if now < available:
+            return None, (available - now).total_seconds()
         lease = str(uuid.uuid4())
         new_doc = transition(doc, "claim", now, worker_id=worker_id, new_lease_id=lease)
         body = encode_task(new_doc)
         try:
             etag = self.store.put(key, body, if_match=task.etag)
         except ConflictError:
-            return None
+            return None, 0.0
         except UncertainWrite:
             latest, _ = self._read(key)
             if latest is None or latest.doc.get("lease_id") != lease:
-                return None
+                return None, 0.0
             etag = latest.etag
         self._reindex(doc, new_doc, [ready_key] if ready_key else ())
-        return Task(new_doc, etag, key)
+        return Task(new_doc, etag, key), None
 
     def claim_next(self, shards=None, task_types=None, *, worker_id=None, limit=100):
         """Claim the first claimable task found in the ready index of the
@@ -1867,26 +1879,40 @@ class IndexSweeper:
 
 
 def connect(bucket=None, endpoint=None, region=None, profile=None, *, store=None, local_dir=None,
-            shard_prefix_len=SHARD_PREFIX_LEN, credentials=None, environ=None, **client_options):
+            shard_prefix_len=None, credentials=None, aws_profile=None, environ=None, use_config=True,
+            **client_options):
     """A Queue over the configured bucket.  Performs no network request.
 
-    What is not passed comes from S3_BUCKET, S3_ENDPOINT and S3_REGION (then
-    AWS_REGION / the AWS profile).  With no bucket at all, the local
-    directory store is used (BUQUET_LOCAL_DIR, default ./.buquet), with a
-    one-line notice on stderr.  `queue = await connect()` works too."""
+    What is not passed comes from the environment (S3_BUCKET, S3_ENDPOINT,
+    S3_REGION, then AWS_REGION), then from .buquet.toml (`profile` selects
+    [profiles.NAME]; BUQUET_PROFILE likewise).  Credentials: `credentials`,
+    else the AWS chain (`aws_profile` or AWS_PROFILE for shared files).  With
+    no bucket at all, the local directory store is used (BUQUET_LOCAL_DIR,
+    default ./.buquet), with a one-line notice on stderr.  Inside a running
+    event loop this returns an AsyncQueue (`queue = await connect()`)."""
     env = os.environ if environ is None else environ
     if store is None:
-        bucket = bucket or env.get("S3_BUCKET") or None
+        settings = load_config(profile=profile, environ=env) if use_config else Config()
+        for warning in settings.warnings:
+            if "unknown" in warning:
+                _warn("%s", warning)
+        bucket = bucket or settings.get("bucket")
+        if shard_prefix_len is None:
+            shard_prefix_len = settings.get("shard_prefix_len", SHARD_PREFIX_LEN)
         if bucket is None:
-            root = local_dir or env.get("BUQUET_LOCAL_DIR") or ".buquet"
+            root = local_dir or settings.get("local_dir") or ".buquet"
             sys.stderr.write("buquet: no bucket configured (S3_BUCKET); using the local directory store at %s\n"
                              % root)
             store = LocalStore(root)
         else:
-            endpoint = endpoint or env.get("S3_ENDPOINT") or None
-            region = region or env.get("S3_REGION") or env.get("AWS_REGION") or None
-            store = S3Store(bucket, endpoint=endpoint, region=region, profile=profile, credentials=credentials,
-                            environ=env, **client_options)
+            endpoint = endpoint or settings.get("endpoint")
+            region = region or settings.get("region") or env.get("AWS_REGION") or None
+            if settings.get("force_path_style") and "path_style" not in client_options:
+                client_options["path_style"] = True
+            store = S3Store(bucket, endpoint=endpoint, region=region, credentials=credentials,
+                            profile=aws_profile or settings.get("aws_profile"), environ=env, **client_options)
+    if shard_prefix_len is None:
+        shard_prefix_len = SHARD_PREFIX_LEN
     queue = Queue(store, shard_prefix_len=shard_prefix_len)
     # Called inside a running event loop (`queue = await connect()`): the
     # same queue with coroutine methods.
@@ -1943,6 +1969,9 @@ GRACE_PERIOD = 30.0  # seconds running handlers get to finish on shutdown
 # few leases and connections.  CPU-bound handlers want 1 and more processes.
 CONCURRENCY = 8
 _SKIP_TTL = 60.0  # seconds an id known not to be ours / not claimable is skipped
+# An id held by a worker (or whose race we lost) is skipped only briefly:
+# its holder may put it back (retry, requeue on shutdown) at any moment.
+_BUSY_SKIP = 5.0
 
 
 class TaskContext:
@@ -2024,6 +2053,9 @@ class _Discovery:
     def skip(self, task_id, seconds=_SKIP_TTL):
         self._skip[task_id] = time.monotonic() + seconds
 
+    def unskip(self, task_id):
+        self._skip.pop(task_id, None)
+
     def take(self):
         with self._lock:
             while self._candidates:
@@ -2041,7 +2073,9 @@ class _Discovery:
         now_bucket = minute_bucket(now)
         wanted = set(self.shards)
         found = []
-        start = "ready/" + self.shards[0]  # sorts before every key of that shard
+        # start-after a "directory" ends with "/": SeaweedFS takes
+        # "ready/3" as the whole ready/3/ subtree and skips it.
+        start = "ready/%s/" % self.shards[0]
         for _ in range(self.max_lists):
             keys, truncated = self.queue.store.list("ready/", start_after=start, limit=self.page_size)
             self.lists += 1
@@ -2061,7 +2095,7 @@ class _Discovery:
                 later = [s for s in self.shards if s > last[0]]
                 if not later:
                     break
-                jump = "ready/" + later[0]
+                jump = "ready/%s/" % later[0]
             if found:
                 break  # enough to work on; the rest waits for the next poll
             start = jump or keys[-1]
@@ -2132,6 +2166,8 @@ class Worker:
         self._running = {}  # task id -> Task, for heartbeats and shutdown requeue
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._poll_lock = threading.Lock()
+        self._quiet_until = 0.0  # monotonic time before which an empty poll is not repeated
         self._stopping = threading.Event()
         self._claimed = 0
         self.completed = 0
@@ -2196,8 +2232,9 @@ class Worker:
                 return False, 0.0
         task = self._claim_one()
         if task is None:
-            return False, self._poller.next_sleep()
+            return False, max(0.0, self._quiet_until - time.monotonic())
         self._poller.reset()
+        self._quiet_until = 0.0
         self._execute(task)
         return True, 0.0
 
@@ -2207,9 +2244,23 @@ class Worker:
         for _ in range(2):
             candidate = self._discovery.take()
             if candidate is None:
-                if not self._discovery.refill(q.now()):
-                    return None
-                continue
+                # One LIST at a time, and none until the sleep after an empty
+                # one has passed: idle handler slots share one poll instead
+                # of each listing on its own timer.
+                with self._poll_lock:
+                    candidate = self._discovery.take()
+                    if candidate is None:
+                        if time.monotonic() < self._quiet_until:
+                            return None
+                        try:
+                            found = self._discovery.refill(q.now())
+                        except BuquetError as exc:  # S3 unreachable: back off, keep the slots alive
+                            _warn("poll failed: %s", exc)
+                            found = 0
+                        if not found:
+                            self._quiet_until = time.monotonic() + self._poller.next_sleep()
+                            return None
+                        continue
             while candidate is not None:
                 if self._stopping.is_set():
                     return None
@@ -2226,9 +2277,9 @@ class Worker:
             if self.max_tasks is not None and self._claimed >= self.max_tasks:
                 return None
             self._claimed += 1
-        task = None
+        task, wait = None, 0.0
         try:
-            task = q.claim(task_id, self.worker_id, types, ready_key=key)
+            task, wait = q._claim(task_id, self.worker_id, types, key)
         except BuquetError as exc:
             _warn("claim of %s failed: %s", task_id, exc)
         finally:
@@ -2236,9 +2287,13 @@ class Worker:
                 with self._lock:
                     self._claimed -= 1
         if task is None:
-            # Not ours (other type), not pending, or lost the race: skip it
-            # for a while instead of reading it again every poll.
-            self._discovery.skip(task_id)
+            # Not ours (other type), finished, held by a worker, or not yet
+            # due: skip it for as long as reading it again cannot help,
+            # instead of reading it every poll.
+            if wait is None:
+                self._discovery.skip(task_id, _SKIP_TTL)
+            else:
+                self._discovery.skip(task_id, min(wait or _BUSY_SKIP, _SKIP_TTL))
         return task
 
     # -- running a handler -------------------------------------------------------------
@@ -2268,8 +2323,12 @@ class Worker:
                     self._finish(ctx, q.complete, output, output=output)
         finally:
             with self._lock:
-                self._running.pop(task_id, None)
+                if self._running.get(task_id) is task:  # not a newer attempt of the same task
+                    del self._running[task_id]
                 self._wake.notify_all()
+            # Our other slots may have skipped it while it ran; a retry or a
+            # reschedule makes it ours to claim again when due.
+            self._discovery.unskip(task_id)
 
     def _finish(self, ctx, operation, arg, error=None, output=None):
         try:
@@ -2285,11 +2344,13 @@ class Worker:
             return
         status = final.doc.get("status")
         if status == "completed":
-            self.completed += 1
+            with self._lock:
+                self.completed += 1
             self._call_hooks("on_success", final, output)
         else:
             if status == "failed":
-                self.failed += 1
+                with self._lock:
+                    self.failed += 1
             if error is not None:
                 self._call_hooks("on_error", final, error)
 
@@ -2868,3 +2929,1099 @@ class Scheduler:
                 wait = self.interval
             # Wake just after the due minute starts, not before it.
             stop.wait(wait + 0.05)
+
+
+# ============================================================================
+# Configuration: .buquet.toml, environment, flags
+# ============================================================================
+#
+# Precedence, highest first: command-line flags, environment variables, the
+# selected profile ([profiles.NAME]), [default]; files merged as the original
+# merges them: --config / BUQUET_CONFIG over ./.buquet.toml (found in the
+# current directory or a parent) over the user file
+# ($XDG_CONFIG_HOME/buquet/config.toml).  Every key of the original's file is
+# accepted; keys that have no effect here say so in `config validate`, and
+# unknown keys are reported.
+
+# table -> {key: (type, effect)}; effect None means accepted for
+# compatibility with the original, without effect here.
+CONFIG_SCHEMA = {
+    "default": {
+        "bucket": (str, "bucket"), "region": (str, "region"), "endpoint": (str, "endpoint"),
+        "local_dir": (str, "local_dir"), "aws_profile": (str, "aws_profile"),
+        "force_path_style": (bool, "force_path_style"),
+    },
+    "queue": {"shard_prefix_len": (int, "shard_prefix_len")},
+    "worker": {
+        "shards": (list, "shards"), "concurrency": (int, "concurrency"),
+        "grace_period_secs": ((int, float), "grace_period"), "heartbeat_interval_secs": ((int, float), "heartbeat"),
+        "scheduler": (bool, "scheduler"), "monitor": (bool, "monitor"),
+        "poll_interval_ms": (int, None), "index_mode": (str, None),
+    },
+    "worker.polling": {
+        "strategy": (str, "poll_strategy"), "min_interval_ms": (int, "poll_min_ms"),
+        "max_interval_ms": (int, "poll_max_ms"), "backoff_multiplier": ((int, float), None),
+        "interval_ms": (int, "poll_interval_ms"),
+    },
+    "worker.shard_leasing": {
+        "enabled": (bool, None), "shards_per_worker": (int, None), "lease_ttl_secs": (int, None),
+        "renewal_interval_secs": (int, None),
+    },
+    "monitor": {
+        "check_interval_secs": ((int, float), "monitor_interval"), "sweep_interval_secs": ((int, float), "sweep_interval"),
+        "max_tasks_per_scan": (int, None), "max_objects_per_sweep": (int, None), "sweep_mode": (str, None),
+    },
+}
+
+# Environment variables -> setting, with the value's parser.
+CONFIG_ENV = {
+    "S3_BUCKET": "bucket", "S3_ENDPOINT": "endpoint", "S3_REGION": "region", "BUQUET_LOCAL_DIR": "local_dir",
+    "S3_FORCE_PATH_STYLE": "force_path_style", "BUQUET_SHARDS": "shards", "BUQUET_SHARD_PREFIX_LEN": "shard_prefix_len",
+    "BUQUET_CONCURRENCY": "concurrency", "BUQUET_POLLING_MIN_INTERVAL_MS": "poll_min_ms",
+    "BUQUET_POLLING_MAX_INTERVAL_MS": "poll_max_ms", "BUQUET_MONITOR_CHECK_INTERVAL": "monitor_interval",
+    "BUQUET_MONITOR_SWEEP_INTERVAL": "sweep_interval", "BUQUET_NO_MONITOR": "no_monitor",
+}
+# The original's variables with no effect here, accepted quietly.
+CONFIG_ENV_IGNORED = ("BUQUET_ALLOW_NO_VERSIONING", "BUQUET_INDEX_MODE", "BUQUET_READY_PAGE_SIZE",
+                      "BUQUET_LOG_SCAN_PAGE_SIZE", "BUQUET_POLL_INTERVAL_MS", "BUQUET_POLLING_STRATEGY",
+                      "BUQUET_POLLING_BACKOFF_MULTIPLIER", "BUQUET_SHARD_LEASING",
+                      "BUQUET_SHARD_LEASING_SHARDS_PER_WORKER", "BUQUET_SHARD_LEASING_TTL_SECS",
+                      "BUQUET_SHARD_LEASING_RENEW_SECS", "BUQUET_SWEEPER_MAX_OBJECTS_PER_SWEEP",
+                      "BUQUET_SWEEPER_MODE", "BUQUET_MONITOR_WORKER_HEALTH_THRESHOLD",
+                      "BUQUET_MONITOR_SWEEP_PAGE_SIZE", "BUQUET_MONITOR_MAX_TASKS_PER_SCAN")
+
+
+class ConfigError(BuquetError):
+    """A configuration file or value that cannot be used."""
+
+
+_TOML_BARE = re.compile(r"[A-Za-z0-9_-]+\Z")
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+
+
+def _toml_value(text, where):
+    """One value of the small TOML reader: strings, integers, floats,
+    booleans and arrays of these, which is what .buquet.toml uses."""
+    text = text.strip()
+    value, rest = _toml_scan(text, 0, where)
+    rest = text[rest:].strip()
+    if rest and not rest.startswith("#"):
+        raise ConfigError("%s: unexpected %r after the value" % (where, rest[:20]))
+    return value
+
+
+def _toml_scan(text, i, where):
+    while i < len(text) and text[i] in " \t\n":
+        i += 1
+    if i >= len(text):
+        raise ConfigError("%s: a value is missing" % where)
+    c = text[i]
+    if text.startswith('"""', i) or text.startswith("'''", i):
+        raise ConfigError("%s: multi-line strings are not supported by the small TOML reader used "
+                          "before Python 3.11; write the value on one line" % where)
+    if c == '"':
+        out, i = [], i + 1
+        while i < len(text) and text[i] != '"':
+            if text[i] == "\\":
+                nxt = text[i + 1:i + 2]
+                if nxt in _TOML_ESCAPES:
+                    out.append(_TOML_ESCAPES[nxt])
+                    i += 2
+                elif nxt in ("u", "U"):
+                    n = 4 if nxt == "u" else 8
+                    out.append(chr(int(text[i + 2:i + 2 + n], 16)))
+                    i += 2 + n
+                else:
+                    raise ConfigError("%s: unknown escape \\%s" % (where, nxt))
+            else:
+                out.append(text[i])
+                i += 1
+        if i >= len(text):
+            raise ConfigError("%s: unterminated string" % where)
+        return "".join(out), i + 1
+    if c == "'":
+        end = text.find("'", i + 1)
+        if end < 0:
+            raise ConfigError("%s: unterminated string" % where)
+        return text[i + 1:end], end + 1
+    if c == "[":
+        items, i = [], i + 1
+        while True:
+            while i < len(text) and text[i] in " \t\n,":
+                if text[i] == ",":
+                    if not items:
+                        raise ConfigError("%s: stray comma in array" % where)
+                i += 1
+            if i < len(text) and text[i] == "#":
+                i = text.find("\n", i) if "\n" in text[i:] else len(text)
+                continue
+            if i >= len(text):
+                raise ConfigError("%s: unterminated array" % where)
+            if text[i] == "]":
+                return items, i + 1
+            value, i = _toml_scan(text, i, where)
+            items.append(value)
+            while i < len(text) and text[i] in " \t\n":
+                i += 1
+            if i < len(text) and text[i] not in ",]#":
+                raise ConfigError("%s: expected , or ] in array" % where)
+    if c == "{":
+        raise ConfigError("%s: inline tables are not supported by the small TOML reader used before "
+                          "Python 3.11; use a [table]" % where)
+    m = re.compile(r"[^\s,\]#]+").match(text, i)
+    token = m.group(0)
+    end = m.end()
+    if token == "true":
+        return True, end
+    if token == "false":
+        return False, end
+    plain = token.replace("_", "")
+    try:
+        if re.match(r"[+-]?\d+\Z", plain):
+            return int(plain), end
+        if re.match(r"[+-]?(\d+\.\d+([eE][+-]?\d+)?|\d+[eE][+-]?\d+|inf|nan)\Z", plain):
+            return float(plain), end
+    except ValueError:
+        pass
+    raise ConfigError("%s: cannot read %r (the small TOML reader used before Python 3.11 reads strings, "
+                      "numbers, booleans and arrays)" % (where, token))
+
+
+def _toml_key(text, where):
+    parts = []
+    for part in text.split("."):
+        part = part.strip()
+        if len(part) >= 2 and part[0] == part[-1] and part[0] in "\"'":
+            part = part[1:-1]
+        elif not _TOML_BARE.match(part):
+            raise ConfigError("%s: bad key %r" % (where, text.strip()))
+        parts.append(part)
+    return parts
+
+
+def parse_toml(text, name="<config>"):
+    """TOML -> dict: tomllib where there is one (3.11+), else a small reader
+    for the subset configuration files use, with a clear error for the rest."""
+    try:
+        import tomllib
+    except ImportError:
+        tomllib = None
+    if tomllib is not None:
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("%s: %s" % (name, exc)) from None
+    return _parse_toml_small(text, name)
+
+
+def _parse_toml_small(text, name):
+    root = table = {}
+    lines = text.splitlines()
+    n = 0
+    while n < len(lines):
+        raw = lines[n]
+        n += 1
+        where = "%s:%d" % (name, n)
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[["):
+            raise ConfigError("%s: arrays of tables are not supported by the small TOML reader" % where)
+        if line.startswith("["):
+            end = line.find("]")
+            rest = line[end + 1:].strip()
+            if end < 0 or (rest and not rest.startswith("#")):
+                raise ConfigError("%s: bad table header %r" % (where, line))
+            table = root
+            for part in _toml_key(line[1:end], where):
+                table = table.setdefault(part, {})
+                if not isinstance(table, dict):
+                    raise ConfigError("%s: %r is not a table" % (where, part))
+            continue
+        key, eq, value = line.partition("=")
+        if not eq:
+            raise ConfigError("%s: expected key = value, got %r" % (where, line))
+        value = value.strip()
+        while value.startswith("[") and value.count("[") > value.count("]") and n < len(lines):
+            value += "\n" + lines[n]  # an array over several lines
+            n += 1
+        parts = _toml_key(key, where)
+        target = table
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        if parts[-1] in target:
+            raise ConfigError("%s: key %r defined twice" % (where, key.strip()))
+        target[parts[-1]] = _toml_value(value, where)
+    return root
+
+
+def config_paths(cwd=None, environ=None):
+    """[(role, path)] of the files that may configure buquet, lowest
+    precedence first, whether or not they exist."""
+    env = os.environ if environ is None else environ
+    home = os.path.expanduser("~")
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    paths = [("user", os.path.join(xdg, "buquet", "config.toml"))]
+    here = os.path.abspath(cwd or os.getcwd())
+    project = None
+    while True:
+        candidate = os.path.join(here, ".buquet.toml")
+        if os.path.isfile(candidate):
+            project = candidate
+            break
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    paths.append(("project", project or os.path.join(os.path.abspath(cwd or os.getcwd()), ".buquet.toml")))
+    if env.get("BUQUET_CONFIG"):
+        paths.append(("explicit", env["BUQUET_CONFIG"]))
+    return paths
+
+
+class Config:
+    """Resolved settings with the source of each (`sources`), and the
+    problems found (`warnings`: unknown keys, keys without effect)."""
+
+    def __init__(self):
+        self.values = {}
+        self.sources = {}
+        self.warnings = []
+        self.files = []
+        self.profile = None
+
+    def get(self, name, default=None):
+        return self.values.get(name, default)
+
+    def set(self, name, value, source):
+        self.values[name] = value
+        self.sources[name] = source
+
+
+def _check_setting(table, key, value, where, config):
+    spec = CONFIG_SCHEMA.get(table, {}).get(key)
+    if spec is None:
+        config.warnings.append("%s: unknown key %s.%s (ignored)" % (where, table, key))
+        return None
+    kind, effect = spec
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int, float)))
+    if not ok:
+        expected = {str: "a string", int: "an integer", bool: "true or false", list: "an array"}.get(
+            kind, "a number")
+        raise ConfigError("%s: %s.%s must be %s, got %r" % (where, table, key, expected, value))
+    if effect is None:
+        config.warnings.append("%s: %s.%s is accepted for compatibility with the original and has no "
+                               "effect here" % (where, table, key))
+    return effect
+
+
+def _flatten_file(data, where, profile, config):
+    """Settings from one file's tables: [default], then [profiles.NAME]."""
+    out = {}
+    for table, content in data.items():
+        if table == "profiles":
+            if not isinstance(content, dict):
+                raise ConfigError("%s: profiles must be a table" % where)
+            continue
+        if not isinstance(content, dict):
+            config.warnings.append("%s: unknown top-level key %s (ignored; settings go under [default])"
+                                   % (where, table))
+            continue
+        for key, value in content.items():
+            if isinstance(value, dict) and "%s.%s" % (table, key) in CONFIG_SCHEMA:
+                sub = "%s.%s" % (table, key)
+                for k2, v2 in value.items():
+                    effect = _check_setting(sub, k2, v2, where, config)
+                    if effect:
+                        out[effect] = v2
+                continue
+            effect = _check_setting(table, key, value, where, config)
+            if effect:
+                out[effect] = value
+    profiles = data.get("profiles", {})
+    for name, content in profiles.items():
+        if not isinstance(content, dict):
+            raise ConfigError("%s: profiles.%s must be a table" % (where, name))
+        for key, value in content.items():
+            effect = _check_setting("default", key, value, "%s [profiles.%s]" % (where, name), config)
+            if effect and name == profile:
+                out[effect] = value
+    return out, set(profiles)
+
+
+def load_config(*, profile=None, config_file=None, cwd=None, environ=None):
+    """Settings from the files and the environment (flags are applied by the
+    caller).  Raises ConfigError for a file that cannot be read or a value of
+    the wrong type."""
+    env = os.environ if environ is None else environ
+    config = Config()
+    profile = profile or env.get("BUQUET_PROFILE") or None
+    config.profile = profile
+    paths = config_paths(cwd, env)
+    if config_file:
+        paths = [p for p in paths if p[0] != "explicit"] + [("explicit", config_file)]
+    known_profiles = set()
+    for role, path in paths:
+        if not os.path.isfile(path):
+            if role == "explicit":
+                raise ConfigError("config file %s does not exist" % path)
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = parse_toml(f.read(), path)
+        except OSError as exc:
+            raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+        config.files.append(path)
+        values, names = _flatten_file(data, path, profile, config)
+        known_profiles |= names
+        for name, value in values.items():
+            config.set(name, value, path)
+    if profile and profile not in known_profiles and config.files:
+        config.warnings.append("profile %r is not defined in %s" % (profile, ", ".join(config.files)))
+    for var, name in CONFIG_ENV.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        if name == "shards":
+            value = [s.strip() for s in raw.split(",") if s.strip()]
+        elif name in ("force_path_style", "no_monitor"):
+            value = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif name in ("shard_prefix_len", "concurrency", "poll_min_ms", "poll_max_ms"):
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError("%s must be an integer, got %r" % (var, raw)) from None
+        elif name in ("monitor_interval", "sweep_interval"):
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError("%s must be a number of seconds, got %r" % (var, raw)) from None
+        else:
+            value = raw
+        config.set(name, value, "$" + var)
+    if config.get("no_monitor"):
+        config.set("monitor", False, config.sources["no_monitor"])
+    return config
+
+
+def queue_from_config(config, environ=None):
+    """A Queue (no network request) for resolved settings."""
+    options = {"path_style": True} if config.get("force_path_style") else {}
+    return connect(bucket=config.get("bucket"), endpoint=config.get("endpoint"), region=config.get("region"),
+                   aws_profile=config.get("aws_profile"), local_dir=config.get("local_dir"),
+                   shard_prefix_len=config.get("shard_prefix_len", SHARD_PREFIX_LEN), environ=environ,
+                   use_config=False, **options)
+
+
+# ============================================================================
+# Command line: `buquet ...` and `python -m buquet ...`
+# ============================================================================
+#
+# Exit codes: 0 success; 1 the operation failed (not found, refused by the
+# task's state, S3 error); 2 bad input or configuration (one line
+# `buquet: error: ...`); 3 doctor found the bucket unsafe for the queue;
+# 130 / 143 after a second SIGINT / SIGTERM.
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNSAFE = 0, 1, 2, 3
+
+_DURATION_UNITS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400, "w": 604800, "week": 604800, "weeks": 604800,
+}
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)", re.I)
+
+
+class UsageError(BuquetError):
+    """Bad command-line input (exit 2)."""
+
+
+def parse_duration(text):
+    """Seconds from `30s`, `15m`, `1h`, `2d`, `1h30m`, `90` (seconds), or
+    the original's spellings (`2 hours`, `1 week`)."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError("expected a duration like 30s, 15m, 1h, 2d or 1h30m, got %r" % (text,))
+    total, pos, source = 0.0, 0, text.strip()
+    while pos < len(source):
+        m = _DURATION_RE.match(source, pos)
+        if not m or m.end() == pos:
+            raise UsageError("expected a duration like 30s, 15m, 1h, 2d or 1h30m, got %r" % (text,))
+        unit = m.group(2).lower()
+        if unit and unit not in _DURATION_UNITS or (not unit and m.end() < len(source)):
+            raise UsageError("expected a duration like 30s, 15m, 1h, 2d or 1h30m, got %r" % (text,))
+        total += float(m.group(1)) * _DURATION_UNITS.get(unit, 1)
+        pos = m.end()
+        while pos < len(source) and source[pos] == " ":
+            pos += 1
+    return total
+
+
+def parse_rfc3339(text):
+    try:
+        return parse_timestamp(text.strip())
+    except (ValueError, AttributeError):
+        raise UsageError("expected an RFC 3339 timestamp with an offset, like 2026-01-28T09:00:00Z "
+                         "or 2026-01-28T10:00:00+01:00, got %r" % (text,)) from None
+
+
+def _json_arg(text, name):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError("%s must be JSON, got %r (%s)" % (name, text, exc)) from None
+
+
+def _shards_arg(text, queue):
+    shards = [s.strip() for s in text.split(",") if s.strip()] if isinstance(text, str) else list(text)
+    for s in shards:
+        if s not in queue.shards:
+            raise UsageError("shard must be one of %s..%s, got %r" % (queue.shards[0], queue.shards[-1], s))
+    if not shards:
+        raise UsageError("expected shards like 0,1,2,3, got %r" % (text,))
+    return shards
+
+
+def _when(value):
+    """A timestamp for people: local time, and UTC when they differ."""
+    if value is None:
+        return "-"
+    dt = parse_timestamp(value) if isinstance(value, str) else value
+    local = dt.astimezone()
+    if local.utcoffset() == timedelta(0):
+        return dt.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "%s (%s)" % (local.strftime("%Y-%m-%d %H:%M:%S %Z"), dt.strftime("%H:%M:%S UTC"))
+
+
+def _table(rows, headers, out):
+    rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip() + "\n")
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+
+
+def _task_rows(tasks):
+    return [[t.doc["id"], t.doc["task_type"], t.doc.get("status", "pending"), t.doc.get("attempt", 0),
+             t.doc.get("retry_count", 0), _when(t.doc.get("updated_at"))] for t in tasks]
+
+
+_TASK_HEADERS = ["ID", "TYPE", "STATUS", "ATTEMPT", "RETRIES", "UPDATED"]
+
+
+def _print_task(task, out):
+    doc = task.doc
+    for name in TASK_FIELDS:
+        if name not in doc:
+            continue
+        value = doc[name]
+        if name in _TIMESTAMP_FIELDS and value:
+            value = _when(value)
+        elif isinstance(value, (dict, list)):
+            value = dumps(value)
+        out.write("%-17s %s\n" % (name + ":", "-" if value is None else value))
+
+
+class _Progress:
+    """A one-line progress report on a terminal (stderr), silent otherwise."""
+
+    def __init__(self, label, stream=None):
+        self.stream = stream or sys.stderr
+        self.label = label
+        self.active = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def __call__(self, where, count):
+        if self.active:
+            self.stream.write("\r%s: %s (%d so far)" % (self.label, where, count))
+            self.stream.flush()
+
+    def done(self):
+        if self.active:
+            self.stream.write("\n")
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="buquet", description="A task queue on S3-compatible object storage.")
+    p.add_argument("--profile", help="configuration profile ([profiles.NAME] in .buquet.toml)")
+    p.add_argument("--config", help="configuration file (default: .buquet.toml here or in a parent)")
+    p.add_argument("--bucket", help="S3 bucket (default: S3_BUCKET, then the configuration)")
+    p.add_argument("--endpoint", help="S3 endpoint URL for S3-compatible stores")
+    p.add_argument("--region", help="S3 region")
+    p.add_argument("--local-dir", help="use the local directory store at this path")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def cmd(name, help, json_flag=True):
+        c = sub.add_parser(name, help=help, description=help)
+        if json_flag:
+            c.add_argument("--json", action="store_true", help="print JSON")
+        return c
+
+    c = cmd("submit", "submit a task")
+    c.add_argument("-t", "--task-type", required=True)
+    c.add_argument("-i", "--input", default="{}", help="task input as JSON (default {})")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--delay", help="run after this long (30s, 15m, 1h30m)")
+    g.add_argument("--at", help="run at this RFC 3339 time")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--ttl", help="expire if not started within this long")
+    g.add_argument("--expires-at", help="expire if not started by this RFC 3339 time")
+    c.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="lease seconds per attempt (300)")
+    c.add_argument("--retries", type=int, default=DEFAULT_MAX_RETRIES, help="retries after the first attempt (3)")
+    c.add_argument("--max-reschedules", type=int)
+    c.add_argument("--idempotency-key")
+
+    c = cmd("worker", "run a worker for the handlers in APP", json_flag=False)
+    c.add_argument("app", nargs="?", help="module:attribute of a buquet.Worker, e.g. myapp.tasks:worker")
+    c.add_argument("--shards", help="comma-separated shards (default: all)")
+    c.add_argument("--id", help="worker id (default: the app's, else worker-XXXXXXXX)")
+    c.add_argument("--concurrency", type=int, help="handler threads (default %d)" % CONCURRENCY)
+    c.add_argument("--max-tasks", type=int, help="exit after this many tasks")
+    c.add_argument("--drain", action="store_true", help="exit when nothing is ready")
+    c.add_argument("--grace-period", help="time handlers get to finish on shutdown (30s)")
+    c.add_argument("--poll-min", help="shortest sleep between polls (0.1s)")
+    c.add_argument("--poll-max", help="longest sleep between polls (2.5s)")
+    c.add_argument("--no-monitor", action="store_true", help="do not recover expired leases here")
+    c.add_argument("--no-scheduler", action="store_true", help="do not fire schedules here")
+
+    c = cmd("list", "list tasks of a shard (all shards when none is given)")
+    c.add_argument("shard", nargs="?")
+    c.add_argument("-s", "--shard", dest="shard_opt")
+    c.add_argument("--status", choices=STATUSES)
+    c.add_argument("-t", "--task-type")
+    c.add_argument("--limit", type=int, default=100, help="per shard (100)")
+
+    for name, help in (("get", "show a task"), ("status", "show a task (the original's name)"),
+                       ("history", "show every version of a task, newest first"),
+                       ("replay", "run a finished task again"), ("archive", "archive a finished task")):
+        c = cmd(name, help)
+        c.add_argument("id")
+
+    c = cmd("cancel", "cancel tasks by id, or every pending task of a type")
+    c.add_argument("ids", nargs="*")
+    c.add_argument("-t", "--task-type")
+    c.add_argument("-r", "--reason")
+    c.add_argument("-b", "--cancelled-by")
+
+    cmd("workers", "list workers and their last heartbeat")
+    c = cmd("stats", "queue depth per status and shard, oldest ready task, workers")
+    c.add_argument("--full", action="store_true", help="read every task (costs a GET per task)")
+    c = cmd("tail", "follow task changes as they happen")
+    c.add_argument("-t", "--task-type")
+    c.add_argument("--status", choices=STATUSES)
+    c.add_argument("--interval", default="2s", help="time between looks (2s)")
+    c.add_argument("--limit", type=int, help="stop after this many changes")
+    c = cmd("sweep", "repair the ready and lease indexes (one full pass)")
+    c = cmd("doctor", "check that a bucket can safely run the queue")
+
+    c = cmd("config", "show, validate or locate the configuration")
+    c.add_argument("action", choices=("show", "validate", "paths"))
+
+    c = cmd("schedule", "recurring schedules", json_flag=False)
+    ssub = c.add_subparsers(dest="schedule_command", metavar="ACTION")
+    ssub.required = True
+    s = ssub.add_parser("create", help="create a schedule")
+    s.add_argument("id")
+    s.add_argument("-t", "--task-type", required=True)
+    s.add_argument("-c", "--cron", required=True, help='cron expression, e.g. "0 9 * * MON-FRI"')
+    s.add_argument("-i", "--input", default="{}")
+    s.add_argument("--tz", help="IANA time zone, e.g. Europe/Berlin (default UTC)")
+    s.add_argument("--timeout", type=int)
+    s.add_argument("--retries", type=int)
+    s.add_argument("--json", action="store_true")
+    s = ssub.add_parser("list", help="list schedules")
+    s.add_argument("--json", action="store_true")
+    for name in ("show", "enable", "disable", "delete", "trigger"):
+        s = ssub.add_parser(name, help="%s a schedule" % name)
+        s.add_argument("id")
+        s.add_argument("--json", action="store_true")
+    s = ssub.add_parser("run", help="run the scheduler alone")
+    s.add_argument("--interval", default="60s", help="longest time between looks at the schedules (60s)")
+    return p
+
+
+def main(argv=None):
+    """The `buquet` command.  Returns the exit code."""
+    import argparse
+
+    parser = _parser()
+    out = sys.stdout
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed its one-line usage error
+        return EXIT_USAGE if exc.code else EXIT_OK
+    try:
+        return _COMMANDS[args.command](args, out)
+    except (UsageError, ConfigError, ValueError, argparse.ArgumentTypeError) as exc:
+        if debug:
+            raise
+        sys.stderr.write("buquet: error: %s\n" % _one_line(exc))
+        return EXIT_USAGE
+    except (BuquetError, OSError) as exc:
+        if debug:
+            raise
+        sys.stderr.write("buquet: error: %s\n" % _one_line(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _config_for(args):
+    config = load_config(profile=args.profile, config_file=args.config)
+    for name in ("bucket", "endpoint", "region", "local_dir"):
+        value = getattr(args, name, None)
+        if value:
+            config.set(name, value, "--" + name.replace("_", "-"))
+    return config
+
+
+def _queue_for(args):
+    config = _config_for(args)
+    for warning in config.warnings:
+        if "unknown" in warning or "not defined" in warning:
+            sys.stderr.write("buquet: warning: %s\n" % warning)
+    return queue_from_config(config), config
+
+
+def _emit(args, out, data, human):
+    if getattr(args, "json", False):
+        out.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    else:
+        human()
+    return EXIT_OK
+
+
+def _cmd_submit(args, out):
+    queue, _ = _queue_for(args)
+    task = queue.submit(
+        args.task_type, _json_arg(args.input, "--input"),
+        delay=parse_duration(args.delay) if args.delay else None,
+        at=parse_rfc3339(args.at) if args.at else None,
+        ttl=parse_duration(args.ttl) if args.ttl else None,
+        expires_at=parse_rfc3339(args.expires_at) if args.expires_at else None,
+        timeout=args.timeout, max_retries=args.retries, max_reschedules=args.max_reschedules,
+        idempotency_key=args.idempotency_key)
+    return _emit(args, out, task.to_dict(), lambda: out.write(
+        "%s  %s  %s  available %s\n" % (task.doc["id"], task.doc["task_type"], task.doc["status"],
+                                         _when(task.doc["available_at"]))))
+
+
+def _cmd_get(args, out):
+    queue, _ = _queue_for(args)
+    task = queue.get(args.id)
+    if task is None:
+        raise TaskNotFound(_task_id(args.id))
+    return _emit(args, out, task.to_dict(), lambda: _print_task(task, out))
+
+
+def _cmd_history(args, out):
+    queue, _ = _queue_for(args)
+    history = queue.history(args.id)
+    data = {"versioned": history.versioned, "note": history.note, "versions": [t.to_dict() for t in history]}
+
+    def human():
+        if history.note:
+            out.write("note: %s\n" % history.note)
+        _table([[t.doc.get("status"), t.doc.get("attempt", 0), t.doc.get("retry_count", 0),
+                 _when(t.doc.get("updated_at")), t.doc.get("last_error") or ""] for t in history],
+               ["STATUS", "ATTEMPT", "RETRIES", "UPDATED", "ERROR"], out)
+    return _emit(args, out, data, human)
+
+
+def _cmd_simple(operation):
+    def run(args, out):
+        queue, _ = _queue_for(args)
+        task = getattr(queue, operation)(args.id)
+        return _emit(args, out, task.to_dict(), lambda: out.write("%s  %s\n" % (task.doc["id"], task.doc["status"])))
+    return run
+
+
+def _cmd_list(args, out):
+    queue, _ = _queue_for(args)
+    shard = args.shard or args.shard_opt
+    shards = [shard] if shard else queue.shards
+    for s in shards:
+        queue._check_shard(s)
+    tasks = []
+    for s in shards:
+        tasks.extend(queue.list(s, status=args.status, task_type=args.task_type, limit=args.limit))
+    return _emit(args, out, [t.to_dict() for t in tasks], lambda: _table(_task_rows(tasks), _TASK_HEADERS, out))
+
+
+def _cmd_cancel(args, out):
+    if not args.ids and not args.task_type:
+        raise UsageError("name task ids to cancel, or a task type with -t")
+    queue, _ = _queue_for(args)
+    results = []
+    if args.ids:
+        results.extend(queue.cancel_many(args.ids, args.reason, args.cancelled_by))
+    if args.task_type:
+        progress = _Progress("cancelling %s" % args.task_type)
+        results.extend(queue.cancel_by_type(args.task_type, args.reason, args.cancelled_by, progress=progress))
+        progress.done()
+    failed = [r for r in results if not isinstance(r, Task)]
+    data = [{"id": r.doc["id"], "status": r.doc["status"]} if isinstance(r, Task) else {"error": str(r)}
+            for r in results]
+
+    def human():
+        for r in results:
+            out.write("%s  cancelled\n" % r.doc["id"] if isinstance(r, Task) else "error: %s\n" % _one_line(r))
+        out.write("%d cancelled, %d failed\n" % (len(results) - len(failed), len(failed)))
+    _emit(args, out, data, human)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _read_workers(queue):
+    keys, start = [], None
+    while True:
+        page, truncated = queue.store.list("workers/", start_after=start, limit=1000)
+        keys.extend(k for k in page if k.endswith(".json"))
+        if not truncated or not page:
+            break
+        start = page[-1]
+
+    def read(key):
+        blob = queue.store.get(key)
+        try:
+            doc = json.loads(blob.body) if blob else None
+            return doc if isinstance(doc, dict) and "last_heartbeat" in doc else None
+        except ValueError:
+            return None
+    return [w for w in queue._map(read, keys) if w is not None]
+
+
+def _worker_rows(workers, now):
+    rows = []
+    for w in workers:
+        try:
+            age = (now - parse_timestamp(w["last_heartbeat"])).total_seconds()
+        except (ValueError, TypeError):
+            age = None
+        alive = age is not None and age < 60
+        rows.append([w.get("worker_id"), "alive" if alive else "stale", "%ds ago" % age if age is not None else "?",
+                     ",".join(w.get("shards") or []), w.get("current_task"), w.get("tasks_completed"),
+                     w.get("tasks_failed")])
+    return rows
+
+
+def _cmd_workers(args, out):
+    queue, _ = _queue_for(args)
+    workers = _read_workers(queue)
+    now = queue.now()
+    return _emit(args, out, workers, lambda: _table(
+        _worker_rows(workers, now), ["WORKER", "STATE", "HEARTBEAT", "SHARDS", "CURRENT", "DONE", "FAILED"], out))
+
+
+def _cmd_stats(args, out):
+    queue, _ = _queue_for(args)
+    now = queue.now()
+    now_bucket = minute_bucket(now)
+    per_shard = {s: {} for s in queue.shards}
+    oldest = None
+
+    def scan(prefix):
+        keys, start = [], None
+        while True:
+            page, truncated = queue.store.list(prefix, start_after=start, limit=1000)
+            keys.extend(page)
+            if not truncated or not page:
+                return keys
+            start = page[-1]
+
+    for key in scan("ready/"):
+        parsed = parse_index_key(key)
+        if parsed is None or parsed[0] not in per_shard:
+            continue
+        label = "ready" if parsed[1] <= now_bucket else "scheduled"
+        per_shard[parsed[0]][label] = per_shard[parsed[0]].get(label, 0) + 1
+        if label == "ready" and (oldest is None or parsed[1] < oldest[0]):
+            oldest = (parsed[1], parsed[2])
+    for key in scan("leases/"):
+        parsed = parse_index_key(key)
+        if parsed and parsed[0] in per_shard:
+            per_shard[parsed[0]]["running"] = per_shard[parsed[0]].get("running", 0) + 1
+    if args.full:
+        for shard in queue.shards:
+            for task in queue.list(shard, limit=10 ** 9):
+                status = "status:" + task.doc.get("status", "pending")
+                per_shard[shard][status] = per_shard[shard].get(status, 0) + 1
+    oldest_age = None
+    if oldest is not None:
+        task = queue.get(oldest[1])
+        if task is not None and task.doc.get("status") == "pending":
+            oldest_age = max(0.0, (now - task.available_at).total_seconds())
+        else:
+            oldest_age = max(0.0, (now - _EPOCH).total_seconds() - int(oldest[0]) * 60)
+    workers = _read_workers(queue)
+    alive = sum(1 for r in _worker_rows(workers, now) if r[1] == "alive")
+    totals = {}
+    for counts in per_shard.values():
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
+    data = {"now": format_timestamp(now), "totals": totals, "shards": per_shard,
+            "oldest_ready_age_seconds": oldest_age, "workers_alive": alive, "workers_registered": len(workers)}
+
+    def human():
+        labels = ["ready", "scheduled", "running"] + sorted({k for c in per_shard.values() for k in c
+                                                            if k.startswith("status:")})
+        _table([[s] + [per_shard[s].get(l, 0) for l in labels] for s in queue.shards] +
+               [["total"] + [totals.get(l, 0) for l in labels]], ["SHARD"] + [l.upper() for l in labels], out)
+        out.write("oldest ready task: %s\n" % ("none" if oldest_age is None else "%.0fs waiting" % oldest_age))
+        out.write("workers: %d alive, %d registered\n" % (alive, len(workers)))
+        if not args.full:
+            out.write("(completed and other finished tasks are counted with --full: one GET per task)\n")
+    return _emit(args, out, data, human)
+
+
+def _list_with_etags(queue, prefix):
+    """{key: etag} of a prefix when the store can say (S3, memory, local),
+    else {key: None}."""
+    lister = getattr(queue.store, "list_etags", None)
+    if lister is not None:
+        return lister(prefix)
+    keys, start, out = [], None, {}
+    while True:
+        page, truncated = queue.store.list(prefix, start_after=start, limit=1000)
+        for k in page:
+            out[k] = None
+        if not truncated or not page:
+            return out
+        start = page[-1]
+
+
+def _cmd_tail(args, out):
+    queue, _ = _queue_for(args)
+    interval = parse_duration(args.interval)
+    seen = {}
+    shown = 0
+    first = True
+    while True:
+        current = _list_with_etags(queue, "tasks/")
+        changed = [k for k, e in current.items() if k.endswith(".json") and (e is None or seen.get(k) != e)]
+        for task, _ in queue._map(queue._read, [] if first else changed):
+            if task is None:
+                continue
+            if args.status and task.doc.get("status") != args.status:
+                continue
+            if args.task_type and task.doc.get("task_type") != args.task_type:
+                continue
+            if args.json:
+                out.write(dumps(task.doc) + "\n")
+            else:
+                out.write("%s  %s  %-9s  attempt %s  %s\n" % (
+                    _when(task.doc.get("updated_at")), task.doc["id"], task.doc.get("status"),
+                    task.doc.get("attempt", 0), task.doc["task_type"]))
+            out.flush()
+            shown += 1
+            if args.limit and shown >= args.limit:
+                return EXIT_OK
+        seen = current
+        first = False
+        time.sleep(interval)
+
+
+def _cmd_sweep(args, out):
+    queue, _ = _queue_for(args)
+    sweeper = queue.sweeper()
+    progress = _Progress("sweeping")
+    while not sweeper.step():
+        progress(sweeper.PHASES[sweeper.phase] + (sweeper.cursor or ""), sweeper.counts["checked"])
+    progress.done()
+    data = {"counts": sweeper.counts, "skipped": sweeper.skipped}
+
+    def human():
+        out.write(", ".join("%s %d" % kv for kv in sweeper.counts.items()) + "\n")
+        for key, reason in sorted(sweeper.skipped.items()):
+            out.write("skipped %s: %s\n" % (key, reason))
+    return _emit(args, out, data, human)
+
+
+def _cmd_config(args, out):
+    config = _config_for(args)
+    if args.action == "paths":
+        paths = [{"role": role, "path": path, "exists": os.path.isfile(path)}
+                 for role, path in config_paths(environ=dict(os.environ, **(
+                     {"BUQUET_CONFIG": args.config} if args.config else {})))]
+        return _emit(args, out, paths, lambda: _table(
+            [[p["role"], p["path"], "yes" if p["exists"] else "no"] for p in paths], ["ROLE", "PATH", "EXISTS"], out))
+    if args.action == "validate":
+        data = {"files": config.files, "warnings": config.warnings, "valid": True}
+        _emit(args, out, data, lambda: out.write(
+            "".join("warning: %s\n" % w for w in config.warnings) +
+            "ok: %s\n" % (", ".join(config.files) or "no configuration file; environment and defaults only")))
+        return EXIT_OK
+    shown = {}
+    for name, value in sorted(config.values.items()):
+        shown[name] = {"value": value, "source": config.sources.get(name)}
+    store = "s3://%s" % config.get("bucket") if config.get("bucket") else \
+        "local directory %s" % (config.get("local_dir") or ".buquet")
+    try:
+        import sigv4
+
+        creds = sigv4.resolve_credentials(profile=config.get("aws_profile"))
+        cred_source = creds.source
+    except Exception as exc:  # credentials are optional for `config show`
+        cred_source = "none (%s)" % _one_line(exc)
+    data = {"profile": config.profile, "store": store, "settings": shown, "credentials": cred_source,
+            "files": config.files}
+
+    def human():
+        out.write("store: %s\nprofile: %s\ncredentials: %s\n" % (store, config.profile or "default", cred_source))
+        _table([[k, dumps(v["value"]), v["source"]] for k, v in shown.items()], ["SETTING", "VALUE", "FROM"], out)
+    return _emit(args, out, data, human)
+
+
+def _load_app(spec):
+    """The Worker named by `module:attribute` (attribute default `worker`).
+    Only the module the user named is imported."""
+    import importlib
+
+    if not spec:
+        raise UsageError("name the module with your handlers, e.g. `buquet worker myapp.tasks:worker`")
+    module_name, _, attr = spec.partition(":")
+    if not re.match(r"[A-Za-z_][\w.]*\Z", module_name) or (attr and not re.match(r"[A-Za-z_][\w.]*\Z", attr)):
+        raise UsageError("expected module:attribute like myapp.tasks:worker, got %r" % (spec,))
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would, so `myapp` resolves here
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError("cannot import %s: %s" % (module_name, exc)) from None
+    obj = module
+    for part in (attr or "worker").split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise UsageError("%s has no attribute %s" % (module_name, attr or "worker"))
+    if not isinstance(obj, Worker):
+        raise UsageError("%s must name a buquet.Worker, got %s" % (spec, type(obj).__name__))
+    return obj
+
+
+def _cmd_worker(args, out):
+    app = _load_app(args.app)
+    config = _config_for(args)
+    queue = queue_from_config(config) if (config.get("bucket") or config.get("local_dir")) else app._queue
+    shards = _shards_arg(args.shards, queue) if args.shards else (
+        _shards_arg(config.get("shards"), queue) if config.get("shards") else app.shards)
+
+    def seconds(flag, setting_ms, current):
+        if flag:
+            return parse_duration(flag)
+        return config.get(setting_ms) / 1000.0 if config.get(setting_ms) else current
+
+    poll_min = seconds(args.poll_min, "poll_min_ms", app._poller.floor)
+    poll_max = seconds(args.poll_max, "poll_max_ms", app._poller.cap)
+    if config.get("poll_strategy") == "fixed" and config.get("poll_interval_ms") and not (args.poll_min or args.poll_max):
+        poll_min = poll_max = config.get("poll_interval_ms") / 1000.0
+    worker = Worker(
+        queue, args.id or app.worker_id, shards,
+        concurrency=args.concurrency or config.get("concurrency") or app.concurrency,
+        poll_min=poll_min, poll_max=poll_max,
+        max_tasks=args.max_tasks or app.max_tasks, drain=args.drain or app.drain,
+        grace_period=parse_duration(args.grace_period) if args.grace_period else config.get(
+            "grace_period", app.grace_period),
+        monitor=False if args.no_monitor else config.get("monitor", app.monitor),
+        heartbeat_interval=config.get("heartbeat", app.heartbeat_interval),
+        monitor_interval=config.get("monitor_interval", app.monitor_interval),
+        sweep_interval=config.get("sweep_interval", app.sweep_interval) or 10 ** 9,
+        scheduler=False if args.no_scheduler else config.get("scheduler", app.scheduler))
+    worker.handlers = dict(app.handlers)
+    worker._hooks = app._hooks
+    sys.stderr.write("buquet: worker %s on %s, shards %s, handlers: %s\n" % (
+        worker.worker_id, queue.store, ",".join(shards), ", ".join(sorted(worker.handlers))))
+    return worker.run()
+
+
+def _schedule_data(schedule, queue, n=5):
+    doc = dict(schedule.doc)
+    now = queue.now()
+    try:
+        runs = schedule.next_runs(now, n)
+    except ScheduleError:
+        runs = []
+    doc["next_runs"] = [r.isoformat() for r in runs]
+    doc["next_runs_utc"] = [format_timestamp(r) for r in runs]
+    doc["last_run"] = queue.get_last_run(schedule.doc["id"])
+    return doc
+
+
+def _cmd_schedule(args, out):
+    queue, _ = _queue_for(args)
+    action = args.schedule_command
+    if action == "create":
+        schedule = queue.create_schedule(args.id, args.task_type, _json_arg(args.input, "--input"), args.cron,
+                                         timezone=args.tz, timeout=args.timeout, max_retries=args.retries)
+        return _emit(args, out, _schedule_data(schedule, queue), lambda: out.write(
+            "created %s: %s %r, next run %s\n" % (args.id, args.task_type, args.cron,
+                                                 _when(schedule.next_runs(queue.now(), 1)[0]))))
+    if action == "list":
+        schedules = queue.list_schedules()
+        now = queue.now()
+
+        def next_run(s):
+            try:
+                return _when(s.next_runs(now, 1)[0]) if s.enabled else "disabled"
+            except ScheduleError as exc:
+                return "invalid: %s" % exc
+        return _emit(args, out, [s.to_dict() for s in schedules], lambda: _table(
+            [[s.doc["id"], s.doc["task_type"], s.doc["cron"], s.doc.get("timezone") or "UTC",
+              "yes" if s.enabled else "no", next_run(s)] for s in schedules],
+            ["ID", "TYPE", "CRON", "TZ", "ENABLED", "NEXT RUN"], out))
+    if action == "run":
+        interval = parse_duration(args.interval)
+        sys.stderr.write("buquet: scheduler on %s, looking every %ss at most\n" % (queue.store, interval))
+        Scheduler(queue, interval=interval).run()
+        return EXIT_OK
+    if action == "show":
+        schedule = queue.get_schedule(args.id)
+        if schedule is None:
+            raise ScheduleError("no schedule %r" % args.id)
+        data = _schedule_data(schedule, queue)
+
+        def human():
+            for name in ("id", "task_type", "cron", "timezone", "enabled", "timeout_seconds", "max_retries"):
+                out.write("%-16s %s\n" % (name + ":", data.get(name) if data.get(name) is not None else "-"))
+            out.write("%-16s %s\n" % ("input:", dumps(data.get("input"))))
+            last = data["last_run"] or {}
+            out.write("%-16s %s\n" % ("last run:", _when(last.get("last_run_at")) if last else "never"))
+            out.write("next runs (%s, and UTC):\n" % (data.get("timezone") or "UTC"))
+            for local, utc in zip(data["next_runs"], data["next_runs_utc"]):
+                out.write("  %s  %s\n" % (local, utc))
+        return _emit(args, out, data, human)
+    if action == "trigger":
+        task = queue.trigger_schedule(args.id)
+        return _emit(args, out, task.to_dict(), lambda: out.write("submitted %s\n" % task.doc["id"]))
+    operation = {"enable": queue.enable_schedule, "disable": queue.disable_schedule,
+                 "delete": queue.delete_schedule}[action]
+    result = operation(args.id)
+    data = result.to_dict() if isinstance(result, Schedule) else {"id": args.id, "deleted": True}
+    return _emit(args, out, data, lambda: out.write("%s %sd\n" % (args.id, action)))
+
+
+_COMMANDS = {
+    "submit": _cmd_submit, "get": _cmd_get, "status": _cmd_get, "history": _cmd_history,
+    "replay": _cmd_simple("replay"), "archive": _cmd_simple("archive"), "list": _cmd_list,
+    "cancel": _cmd_cancel, "workers": _cmd_workers, "stats": _cmd_stats, "tail": _cmd_tail,
+    "sweep": _cmd_sweep, "config": _cmd_config, "worker": _cmd_worker, "schedule": _cmd_schedule,
+    "doctor": lambda args, out: _cmd_doctor(args, out),
+}
+
+
+def _cmd_doctor(args, out):
+    raise UsageError("doctor is not available yet")
+
+
+if __name__ == "__main__":
+    # `python -m buquet` runs this file as __main__; hand over to the real
+    # module so that user code importing buquet sees the same classes.
+    import buquet
+
+    sys.exit(buquet.main())
