@@ -2358,8 +2358,13 @@ class Worker:
 
     def _defer_index_ops(self, puts, deletes):
         with self._index_cond:
-            self._index_jobs.append((puts, deletes))
-            self._index_cond.notify()
+            if self._index_thread is not None and not self._index_stop:
+                self._index_jobs.append((puts, deletes))
+                self._index_cond.notify()
+                return
+        # No background thread (step() called outside run(), or a handler
+        # finishing after shutdown): do it now rather than queue it forever.
+        self._queue._index_now(puts, deletes)
 
     def _index_loop(self):
         while True:
@@ -4015,8 +4020,187 @@ _COMMANDS = {
 }
 
 
+# -- doctor ---------------------------------------------------------------------
+
+class _Check:
+    __slots__ = ("name", "verdict", "detail")
+
+    def __init__(self, name, verdict, detail):
+        self.name, self.verdict, self.detail = name, verdict, detail
+
+
+def doctor(store, *, race_threads=8, race_rounds=5, samples=10):
+    """Check that a bucket can safely run the queue; returns [_Check] with
+    verdicts "ok", "warn" (works, with a caveat), "FAIL" (unsafe), "info".
+    Everything it writes lives under .doctor-test/{uuid}/ and is removed,
+    every version of it included."""
+    import sigv4
+
+    checks = []
+    add = lambda name, verdict, detail: checks.append(_Check(name, verdict, detail))  # noqa: E731
+    if not isinstance(store, S3Store):
+        add("store", "info", "%r: local stores have no provider to check" % (store,))
+        return checks
+    client, bucket = store.client, store.bucket
+    try:
+        creds = client.credentials()
+        source = getattr(client._credentials, "source", "explicit")
+        add("credentials", "ok", "%s (access key %s...)" % (source, creds.access_key[:4]))
+    except sigv4.S3Error as exc:
+        add("credentials", "FAIL", _one_line(exc))
+        return checks
+    prefix = ".doctor-test/%s/" % uuid.uuid4()
+    try:
+        try:
+            client.list_objects_v2(bucket, prefix=prefix, max_keys=1)
+            add("bucket reachable", "ok", "s3://%s at %s" % (bucket, client.endpoint_url))
+        except sigv4.S3Error as exc:
+            add("bucket reachable", "FAIL", _one_line(exc))
+            return checks
+        _doctor_conditionals(client, bucket, prefix, add, race_threads, race_rounds)
+        _doctor_listing(client, bucket, prefix, add)
+        try:
+            state = client.get_bucket_versioning(bucket)
+            add("versioning", "info", "%s: %s" % (state or "never enabled", "history keeps every version"
+                                                   if state == "Enabled" else "history shows the current state only"))
+        except sigv4.S3Error as exc:
+            add("versioning", "warn", "cannot read it (%s): history shows the current state only" % _one_line(exc))
+        latencies, skews = [], []
+        for i in range(samples):
+            sent = time.monotonic()
+            wall = _utc_now()
+            r = client.head_object(bucket, prefix + "a") if i else client.put_object(bucket, prefix + "a", b"x")
+            latencies.append(time.monotonic() - sent)
+            if r.date is not None:
+                skews.append((wall - r.date).total_seconds())
+        latencies.sort()
+        skew = sorted(skews)[len(skews) // 2] if skews else None
+        if skew is None:
+            add("clock", "warn", "the server sends no Date header: the queue falls back to the local clock")
+        else:
+            verdict = "ok" if abs(skew) < 5 else ("warn" if abs(skew) < 600 else "FAIL")
+            add("clock skew", verdict, "local clock %+.1fs from the server's (the queue runs on the server's; "
+                "signatures fail past 15 min)" % skew)
+        add("latency", "info", "median %.1f ms, max %.1f ms over %d requests" % (
+            latencies[len(latencies) // 2] * 1000, latencies[-1] * 1000, len(latencies)))
+    finally:
+        _doctor_cleanup(client, bucket, prefix, add)
+    return checks
+
+
+def _doctor_conditionals(client, bucket, prefix, add, threads, rounds):
+    import sigv4
+
+    key = prefix + "cas"
+    first = client.put_object(bucket, key, b"0", if_none_match="*")
+    try:
+        client.put_object(bucket, key, b"1", if_none_match="*")
+        add("conditional create", "FAIL", "a second If-None-Match: * write replaced the object: two workers "
+            "could both submit or claim")
+    except sigv4.ConflictError:
+        add("conditional create", "ok", "If-None-Match: * refused an existing key")
+    stale = first.etag
+    current = client.put_object(bucket, key, b"2", if_match=stale)
+    try:
+        client.put_object(bucket, key, b"3", if_match=stale)
+        add("compare-and-swap", "FAIL", "a write with a stale If-Match ETag succeeded: claims are not exclusive")
+    except sigv4.ConflictError:
+        add("compare-and-swap", "ok", "If-Match refused a stale ETag")
+    try:
+        client.put_object(bucket, prefix + "missing", b"x", if_match=current.etag)
+        add("If-Match on a missing key", "FAIL", "created the object: a deleted task could be resurrected")
+    except sigv4.ConflictError as exc:
+        add("If-Match on a missing key", "ok", "refused (%s)" % exc.status)
+    # A real race: many threads swap from the same ETag; exactly one may win.
+    from concurrent.futures import ThreadPoolExecutor
+
+    doubles = 0
+    with ThreadPoolExecutor(threads) as pool:
+        for n in range(rounds):
+            base = client.put_object(bucket, key, b"round-%d" % n).etag
+
+            def swap(i, base=base, n=n):
+                try:
+                    client.put_object(bucket, key, b"%d-%d" % (n, i), if_match=base)
+                    return 1
+                except sigv4.ConflictError:
+                    return 0
+            wins = sum(pool.map(swap, range(threads)))
+            doubles += max(0, wins - 1)
+    if doubles:
+        add("race (%d threads x %d)" % (threads, rounds), "FAIL",
+            "%d extra winners: conditional writes are not atomic here" % doubles)
+    else:
+        add("race (%d threads x %d)" % (threads, rounds), "ok", "one winner per round")
+    try:
+        client.delete_object(bucket, key, if_match='"0000000000000000000000000000000"')
+        still = True
+        try:
+            client.head_object(bucket, key)
+        except sigv4.NoSuchKey:
+            still = False
+        if still:
+            add("conditional delete", "info", "accepted but not applied?")
+        else:
+            add("conditional delete", "info", "ignored (deleted despite a wrong ETag); buquet never relies on it")
+    except sigv4.ConflictError:
+        add("conditional delete", "info", "supported; buquet never relies on it")
+    except sigv4.S3Error as exc:
+        add("conditional delete", "info", "not supported (%s); buquet never relies on it" % exc.status)
+
+
+def _doctor_listing(client, bucket, prefix, add):
+    keys = [prefix + "list/%d" % i for i in range(3)]
+    for k in keys:
+        client.put_object(bucket, k, b"")
+    first = client.list_objects_v2(bucket, prefix=prefix + "list/", max_keys=2)
+    rest = client.list_objects_v2(bucket, prefix=prefix + "list/", max_keys=2,
+                                  continuation_token=first.next_continuation_token) if first.is_truncated else None
+    after = client.list_objects_v2(bucket, prefix=prefix + "list/", start_after=keys[0])
+    if first.keys == keys[:2] and first.is_truncated and rest is not None and rest.keys == keys[2:] \
+            and after.keys == keys[1:]:
+        add("list paging", "ok", "max-keys, continuation tokens and start-after behave")
+    else:
+        add("list paging", "FAIL", "listing pages wrong (got %r then %r, start-after %r)" % (
+            first.keys, rest.keys if rest else None, after.keys))
+
+
+def _doctor_cleanup(client, bucket, prefix, add):
+    import sigv4
+
+    try:
+        versions = client.list_object_versions(bucket, prefix=prefix).versions
+        for v in versions:
+            vid = None if v.version_id in (None, "null") else v.version_id
+            client.delete_object(bucket, v.key, version_id=vid)
+        left = client.list_object_versions(bucket, prefix=prefix).versions
+    except sigv4.S3Error:
+        left = []
+        for k in client.list_objects_v2(bucket, prefix=prefix).keys:
+            client.delete_object(bucket, k)
+        left = client.list_objects_v2(bucket, prefix=prefix).keys
+    if left:
+        add("cleanup", "warn", "%d objects left under %s" % (len(left), prefix))
+    else:
+        add("cleanup", "ok", "nothing left behind")
+
+
 def _cmd_doctor(args, out):
-    raise UsageError("doctor is not available yet")
+    queue, _ = _queue_for(args)
+    checks = doctor(queue.store)
+    unsafe = [c for c in checks if c.verdict == "FAIL"]
+    data = {"checks": [{"check": c.name, "verdict": c.verdict, "detail": c.detail} for c in checks],
+            "safe": not unsafe}
+
+    def human():
+        _table([[c.name, c.verdict, c.detail] for c in checks], ["CHECK", "VERDICT", "DETAIL"], out)
+        if unsafe:
+            out.write("verdict: this bucket cannot run the queue safely: %s\n" % "; ".join(
+                "%s: %s" % (c.name, c.detail) for c in unsafe))
+        else:
+            out.write("verdict: this bucket can run the queue\n")
+    _emit(args, out, data, human)
+    return EXIT_UNSAFE if unsafe else EXIT_OK
 
 
 if __name__ == "__main__":
