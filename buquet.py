@@ -877,6 +877,7 @@ class _ServerClock:
         self._monotonic = monotonic
         self._lo = None
         self._hi = None
+        self._last = None  # the latest value now() returned
         self._lock = threading.Lock()
 
     def observe(self, date, sent, received):
@@ -885,6 +886,7 @@ class _ServerClock:
         with self._lock:
             if self._lo is None or lo > self._hi or hi < self._lo:
                 self._lo, self._hi = lo, hi
+                self._last = None  # a clock jumped: follow the new timeline
             else:
                 self._lo, self._hi = max(self._lo, lo), min(self._hi, hi)
 
@@ -893,9 +895,15 @@ class _ServerClock:
         return self._lo is not None
 
     def now(self):
+        # Never backwards: narrowing the bounds moves the midpoint (by up to
+        # half a second in a process's first moments), and a task seen due,
+        # or timestamps written in sequence, must stay in order.
         with self._lock:
-            offset = (self._lo + self._hi) / 2.0
-        return datetime.fromtimestamp(self._monotonic() + offset, timezone.utc)
+            t = self._monotonic() + (self._lo + self._hi) / 2.0
+            if self._last is not None and t < self._last:
+                t = self._last
+            self._last = t
+        return datetime.fromtimestamp(t, timezone.utc)
 
 
 class S3Store:

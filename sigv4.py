@@ -40,6 +40,7 @@ import os
 import random
 import re
 import socket
+import ssl  # http.client imports it anyway
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -1545,9 +1546,11 @@ class _Transport:
             conn.request(method, target, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
-        except BaseException:
+        except BaseException as exc:
             conn.close()
             pool.pop(key, None)
+            if isinstance(exc, Exception):
+                exc.buquet_reused = reused  # the caller retries stale keep-alives at once
             raise
         rheaders = {k.lower(): v for k, v in resp.getheaders()}
         if resp.will_close:
@@ -1711,8 +1714,8 @@ def _parse_error(status, body):
     if text.startswith("<?xml") or text.startswith("<Error"):
         try:
             root = _xml_root(body[:_MAX_ERROR_BODY])
-        except Exception:  # truncated or malformed: fall through to plain text
-            pass
+        except Exception:  # truncated or malformed: show its start, it is not HTML
+            return default_code, "malformed XML error reply: " + " ".join(text.split())[:200], None
         else:
             err = root if root.tag == "Error" else root.find("Error")
             if err is not None:
@@ -1917,11 +1920,17 @@ class S3Client:
                 status, rheaders, rbody, reused = self._transport.send(method, url, signed, body or None)
             except _NotSent as exc:
                 last_exc = exc.__cause__ or exc
-                reused = False
+                if isinstance(last_exc, ssl.SSLCertVerificationError):
+                    # Another attempt cannot fix a certificate: say so now.
+                    raise TransportError(
+                        "TLS certificate verification failed: %s (set AWS_CA_BUNDLE or ca_bundle for a private CA)"
+                        % _describe(last_exc), code="SSLCertVerificationError", method=method, bucket=bucket,
+                        key=key) from last_exc
             except (OSError, http.client.HTTPException) as exc:
                 last_exc = exc
                 may_have_applied = True
-                if free_retry and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                if free_retry and getattr(exc, "buquet_reused", False) and isinstance(
+                        exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
                     # A kept-alive connection the server had already closed:
                     # try once more at once on a fresh one.
                     free_retry = False
