@@ -1502,6 +1502,8 @@ class _Transport:
         return proxy
 
     def _connect(self, scheme, host, port):
+        """An open connection: http.client does the TCP connect, the proxy
+        tunnel and the TLS handshake; the exchanges themselves are ours."""
         proxy = self._proxy_for(scheme, host, port)
         timeout = self.connect_timeout
         if scheme == "https":
@@ -1520,47 +1522,150 @@ class _Transport:
             conn.close()
             raise _NotSent(exc) from exc
         conn.sock.settimeout(self.read_timeout)
-        conn._buquet_proxy = proxy  # an http:// target through a proxy needs an absolute URL
-        return conn
+        try:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a test's socket pair): nothing to tune
+        return _Connection(conn, conn.sock.makefile("rb"), proxy if scheme == "http" else None)
 
     def send(self, method, url, headers, body):
-        """One HTTP exchange.  Returns (status, headers, body, reused) with
-        lowercase header names.  Raises _NotSent when no connection could be
-        opened, OSError / HTTPException when the exchange broke after the
-        request may have been sent."""
+        """One HTTP/1.1 exchange.  Returns (status, headers, body, reused)
+        with lowercase header names.  Raises _NotSent when no connection
+        could be opened, OSError / HTTPException when the exchange broke
+        after the request may have been sent."""
         parts = urlsplit(url)
         scheme = parts.scheme
         port = parts.port or (443 if scheme == "https" else 80)
         key = (scheme, parts.hostname, port)
         pool = self._local.__dict__.setdefault("pool", {})
         conn = pool.get(key)
-        reused = conn is not None and conn.sock is not None
+        reused = conn is not None
         if not reused:
-            if conn is not None:
-                conn.close()
             conn = pool[key] = self._connect(scheme, parts.hostname, port)
-        target = url if (conn._buquet_proxy and scheme == "http") else (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        if conn._buquet_proxy and scheme == "http" and conn._buquet_proxy.auth:
-            headers = dict(headers, **{"proxy-authorization": conn._buquet_proxy.auth})
+        if conn.http_proxy is not None:
+            target = url  # a plain-http proxy wants the absolute URL
+            if conn.http_proxy.auth:
+                headers = dict(headers, **{"proxy-authorization": conn.http_proxy.auth})
+        else:
+            target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        lines = ["%s %s HTTP/1.1\r\n" % (method, target)]
+        lines.extend("%s: %s\r\n" % item for item in headers.items())
+        lines.append("\r\n")
         try:
-            conn.request(method, target, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            request = "".join(lines).encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError("HTTP header values must be latin-1 text: %r" % (
+                [k for k, v in headers.items() if not str(v).isascii()],)) from None
+        try:
+            # Head and body in one send: no Nagle / delayed-ACK stall.
+            conn.sock.sendall(request + body if body else request)
+            status, rheaders, data, will_close = _read_response(conn.rfile, method)
         except BaseException as exc:
             conn.close()
             pool.pop(key, None)
             if isinstance(exc, Exception):
                 exc.buquet_reused = reused  # the caller retries stale keep-alives at once
             raise
-        rheaders = {k.lower(): v for k, v in resp.getheaders()}
-        if resp.will_close:
+        if will_close:
             conn.close()
             pool.pop(key, None)
-        return resp.status, rheaders, data, reused
+        return status, rheaders, data, reused
 
     def close(self):
         for conn in self._local.__dict__.pop("pool", {}).values():
             conn.close()
+
+
+class _Connection:
+    __slots__ = ("conn", "sock", "rfile", "http_proxy")
+
+    def __init__(self, conn, rfile, http_proxy):
+        self.conn = conn  # kept for the socket's lifetime (TLS wrapping)
+        self.sock = conn.sock
+        self.rfile = rfile
+        self.http_proxy = http_proxy
+
+    def close(self):
+        try:
+            self.rfile.close()
+        finally:
+            self.conn.close()
+
+
+_MAX_LINE = 65536
+_MAX_HEADERS = 200
+
+
+def _readline(rfile):
+    line = rfile.readline(_MAX_LINE + 1)
+    if len(line) > _MAX_LINE:
+        raise http.client.LineTooLong("header line")
+    return line
+
+
+def _read_response(rfile, method):
+    """(status, headers, body, will_close) of one HTTP/1.x response.
+
+    http.client's parser goes through the email package; this one reads
+    what S3 sends (status line, headers, a Content-Length or chunked body)
+    for a fraction of the CPU."""
+    while True:
+        line = _readline(rfile)
+        if not line:
+            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+        parts = line.decode("latin-1").split(None, 2)
+        version = parts[0] if parts else ""
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        if not version.startswith("HTTP/") or not 100 <= status <= 999:
+            raise http.client.BadStatusLine(repr(line[:80]))
+        headers = {}
+        for _ in range(_MAX_HEADERS + 1):
+            hline = _readline(rfile)
+            if hline in (b"\r\n", b"\n", b""):
+                break
+            name, sep, value = hline.decode("latin-1").partition(":")
+            if not sep:
+                continue  # not a header line; ignore as lenient clients do
+            name = name.strip().lower()
+            value = value.strip()
+            headers[name] = headers[name] + ", " + value if name in headers else value
+        else:
+            raise http.client.HTTPException("more than %d headers" % _MAX_HEADERS)
+        if 100 <= status < 200 and status != 101:
+            continue  # 100 Continue and friends: the real reply follows
+        break
+    connection = headers.get("connection", "").lower()
+    will_close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
+    if method == "HEAD" or status in (204, 304):
+        return status, headers, b"", will_close
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        chunks = []
+        while True:
+            size_line = _readline(rfile).split(b";", 1)[0].strip()
+            try:
+                size = int(size_line, 16)
+            except ValueError:
+                raise http.client.IncompleteRead(b"".join(chunks)) from None
+            if size == 0:
+                while _readline(rfile) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return status, headers, b"".join(chunks), will_close
+            chunk = rfile.read(size)
+            if len(chunk) < size:
+                raise http.client.IncompleteRead(b"".join(chunks) + chunk, size - len(chunk))
+            chunks.append(chunk)
+            rfile.read(2)  # the CRLF after each chunk
+    length = headers.get("content-length")
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise http.client.HTTPException("bad Content-Length %r" % length) from None
+        data = rfile.read(n) if n > 0 else b""
+        if len(data) < n:
+            raise http.client.IncompleteRead(data, n - len(data))
+        return status, headers, data, will_close
+    return status, headers, rfile.read(), True  # delimited by the connection closing
 
 
 # ============================================================================

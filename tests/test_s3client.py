@@ -1172,3 +1172,70 @@ def test_https_no_proxy_bypasses_the_connect_proxy(tls_stand_in, certificate, pr
 
     assert c.get_object("bucket", "k").body == b"direct"
     assert proxy.first_lines == []
+
+
+# ---- the HTTP/1.1 response reader ------------------------------------------------
+
+
+def raw(data, close=False):
+    """A step: write these bytes as the whole response."""
+
+    def step(handler, server):
+        handler.wfile.write(data)
+        handler.wfile.flush()
+        if close:
+            _close(handler, server, reset=False)
+
+    return step
+
+
+def test_a_chunked_body_is_read_whole_and_the_connection_kept(stand_in):
+    stand_in.then(raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: \"c1\"\r\n\r\n"
+                      b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"), reply(200, b"next"))
+    c = _stand_in_client(stand_in)
+
+    first = c.get_object("bucket", "k")
+    second = c.get_object("bucket", "k")
+
+    assert (first.body, first.etag, second.body) == (b"hello, world", '"c1"', b"next")
+    assert [r.connection for r in stand_in.requests] == [1, 1]
+
+
+def test_an_interim_100_continue_is_skipped(stand_in):
+    stand_in.then(raw(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    c = _stand_in_client(stand_in)
+
+    assert c.get_object("bucket", "k").body == b"ok"
+
+
+def test_a_body_without_length_is_read_to_the_close_and_the_next_request_reconnects(stand_in):
+    stand_in.then(raw(b"HTTP/1.0 200 OK\r\nETag: \"x\"\r\n\r\nuntil the end", close=True), reply(200, b"again"))
+    c = _stand_in_client(stand_in)
+
+    assert c.get_object("bucket", "k").body == b"until the end"
+    assert c.get_object("bucket", "k").body == b"again"
+    assert [r.connection for r in stand_in.requests] == [1, 2]
+    assert c._sleep.sleeps == []  # a planned close is not a failure
+
+
+def test_repeated_response_headers_are_joined_with_commas(stand_in):
+    stand_in.then(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Amz-Meta-A: 1\r\nx-amz-meta-a: 2\r\n\r\n"))
+    c = _stand_in_client(stand_in)
+
+    assert c.head_object("bucket", "k").metadata == {"a": "1, 2"}
+
+
+def test_a_body_cut_short_is_retried_as_a_broken_exchange(stand_in):
+    stand_in.then(raw(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", close=True), reply(200, b"full"))
+    c = _stand_in_client(stand_in)
+
+    assert c.get_object("bucket", "k").body == b"full"
+    assert len(stand_in.requests) == 2
+
+
+def test_a_garbage_status_line_is_a_broken_exchange(stand_in):
+    stand_in.then(raw(b"NOT HTTP AT ALL\r\n\r\n", close=True), reply(200, b"fine"))
+    c = _stand_in_client(stand_in)
+
+    assert c.get_object("bucket", "k").body == b"fine"
+    assert len(stand_in.requests) == 2
