@@ -62,6 +62,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 __all__ = [
@@ -864,6 +865,421 @@ class MemoryStore:
             return None
 
 
+# Bytes kept as they are in file names; everything else is percent-encoded.  No
+# upper case: on case-insensitive file systems (macOS, Windows) `A` and `a` would
+# be one file.  A leading "." is encoded too, so "." and ".." are never path
+# components and every name starting with "." is the store's own.
+_PLAIN_NAME = re.compile(r"[a-z0-9_-][a-z0-9._-]*\Z")
+_ENCODED_NAME = re.compile(r"(?:[a-z0-9._-]|%[0-9A-F]{2})+\Z")
+_ESCAPE = re.compile(rb"%([0-9A-F]{2})")
+_SAFE_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789._-")
+# eCryptfs allows 143-byte names, most file systems 255: above this an encoded
+# segment is replaced by its hash (keys go up to 1,024 bytes, 3 chars per byte).
+_MAX_NAME = 128
+_OBJECT = "@"  # suffix of object files; "@" is always encoded inside segments
+_HASHED = "+"  # prefix of hashed names; "+" is always encoded inside segments
+_EMPTY = "%"  # the empty segment ("a//b", "a/"); a lone "%" is no escape
+_SEGMENT_FILE = ".segment"  # in a hashed directory: its segment, encoded
+_TMP = ".tmp-"
+_LOCK_FILE = ".lock"
+# A writer holds its temporary file for milliseconds; one an hour old was left by
+# a process that died between creating and renaming it.
+_STALE_TMP_SECONDS = 3600.0
+
+
+def _encode_segment(segment):
+    if _PLAIN_NAME.match(segment):
+        return segment
+    raw = segment.encode("utf-8")
+    return "".join(
+        chr(b) if b in _SAFE_BYTES and (i or b != 0x2E) else "%%%02X" % b
+        for i, b in enumerate(raw))
+
+
+def _decode_segment(encoded):
+    """The segment `encoded` stands for, or None if no segment encodes to it."""
+    if _PLAIN_NAME.match(encoded):
+        return encoded
+    if not _ENCODED_NAME.match(encoded):
+        return None
+    raw = _ESCAPE.sub(lambda m: bytes.fromhex(m.group(1).decode("ascii")), encoded.encode("ascii"))
+    try:
+        segment = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    # Only the canonical spelling counts: a stray file ("Foo", "%41") is not a key.
+    return segment if _encode_segment(segment) == encoded else None
+
+
+def _hashed_name(encoded):
+    return _HASHED + hashlib.sha256(encoded.encode("ascii")).hexdigest()
+
+
+def _segment_name(segment):
+    """(file-system name, encoded segment if the name is hashed else None)."""
+    encoded = _encode_segment(segment)
+    if not encoded:
+        return _EMPTY, None
+    if len(encoded) > _MAX_NAME:
+        return _hashed_name(encoded), encoded
+    return encoded, None
+
+
+class LocalStore:
+    """The store on a local directory: S3's object semantics (ETags, conditional
+    create and replace, ordered listing) for development, demos, tests of your
+    handlers and single-host use; safe for many processes on one host.  The
+    directory is created if needed.  `clock` is a callable returning an aware
+    datetime (default: the UTC wall clock).
+
+    On-disk layout.  A key is split at "/"; every segment but the last is a
+    directory, the last is a file whose name ends in "@":
+
+        tasks/3/3f2a.json        ROOT/tasks/3/3f2a.json@
+        ready/3/0028691234/3f2a  ROOT/ready/3/0028691234/3f2a@
+        a  and  a/b              ROOT/a@  and  ROOT/a/b@
+        Tasks/x y                ROOT/%54asks/x%20y@
+        a//b/                    ROOT/a/%/b/%@      ("%" is the empty segment)
+        ../.x                    ROOT/%2E./%2Ex@
+        (a 300-byte segment)     ROOT/+<sha256>@    (hashed, see below)
+
+    A segment is its UTF-8 bytes with everything but a-z 0-9 . _ - (and a
+    leading ".") percent-encoded with upper-case hex: names are lower-case
+    ASCII, so case-insensitive or normalising file systems cannot merge two
+    keys, and no segment can be ".", "..", or one of the store's own names,
+    which all start with ".".  An encoded segment longer than 128 characters is
+    stored as "+" and the SHA-256 of its encoding: a hashed directory keeps the
+    encoding in its ".segment" file, a hashed object file starts with the
+    encoding and a newline.  Other object files hold exactly the object's bytes;
+    the ETag is the quoted MD5 of those bytes, computed when read.
+
+    Other files: ROOT/.lock (the write lock) and ".tmp-PID-RANDOM" (a write in
+    progress, next to its target; listing ignores them and removes those an hour
+    old, left by a process that died).  Anything else that is not a canonical
+    name (e.g. a file you copied in) is ignored.
+
+    Consistency.  A write goes to a temporary file in the target's directory,
+    flushed and fsynced, then renamed over the target (os.replace), and the
+    directory is fsynced: a reader or a crash sees the old bytes or the new,
+    never a mix.  Writes and deletes take one store-wide exclusive flock on
+    ROOT/.lock for the check-and-rename only (the temporary file is written
+    before), which makes conditional writes atomic across processes and
+    threads; reads take no lock.  Deletes remove the directories they leave
+    empty.  Needs POSIX (fcntl) and a local file system; keys up to S3's 1,024
+    bytes fit Linux's 4,096-byte path limit unless ROOT itself is very long.
+    The local store keeps no versions.
+    """
+
+    def __init__(self, root, *, clock=None):
+        try:
+            import fcntl
+        except ImportError:
+            raise StoreError("the local store needs POSIX file locks (fcntl), which this platform lacks: "
+                             "use an S3 bucket (S3_BUCKET), or WSL on Windows") from None
+        self._flock = fcntl.flock
+        self._LOCK_EX, self._LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
+        self.root = os.path.abspath(os.fspath(root))
+        self._clock = clock or _utc_now
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise self._error("cannot create the store directory", exc) from None
+
+    def __repr__(self):
+        return "LocalStore(%r)" % self.root
+
+    def _error(self, what, exc, key=None):
+        where = "local store %s" % self.root if key is None else "local store %s, key %r" % (self.root, key)
+        return StoreError("%s: %s: %s" % (where, what, exc.strerror or exc))
+
+    def now(self):
+        return self._clock()
+
+    # -- paths -----------------------------------------------------------------
+
+    def _locate(self, key):
+        """(directory path, [(dir path, encoded) of hashed directories], file path, encoded if hashed)."""
+        segments = key.split("/")
+        path = self.root
+        hashed_dirs = []
+        for segment in segments[:-1]:
+            name, encoded = _segment_name(segment)
+            path = os.path.join(path, name)
+            if encoded is not None:
+                hashed_dirs.append((path, encoded))
+        name, encoded = _segment_name(segments[-1])
+        return path, hashed_dirs, os.path.join(path, name + _OBJECT), encoded
+
+    @staticmethod
+    def _read(path, hashed):
+        with open(path, "rb") as f:
+            data = f.read()
+        return data.partition(b"\n")[2] if hashed else data
+
+    # -- reads (no lock: renames are atomic) -------------------------------------
+
+    def get(self, key):
+        _, _, path, hashed = self._locate(key)
+        try:
+            body = self._read(path, hashed)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error("cannot read", exc, key) from None
+        return Blob(body, _etag(body))
+
+    def list(self, prefix, *, start_after=None, limit=1000):
+        # Go straight to the directory of the prefix's complete segments, then walk
+        # depth-first in key order, skipping subtrees outside the range.
+        *dirs, _ = prefix.split("/")
+        path = self.root
+        for segment in dirs:
+            path = os.path.join(path, _segment_name(segment)[0])
+        base = "".join(segment + "/" for segment in dirs)
+        keys = []
+        try:
+            for key in self._walk(path, base, prefix, start_after):
+                if len(keys) == limit:
+                    return keys, True
+                keys.append(key)
+        except OSError as exc:
+            raise self._error("cannot list", exc, prefix) from None
+        return keys, False
+
+    def _walk(self, path, base, prefix, start_after):
+        entries = []
+        try:
+            scan = os.scandir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # removed meanwhile, or never created
+        with scan:
+            for entry in scan:
+                name = entry.name
+                if name.startswith("."):
+                    if name.startswith(_TMP):
+                        self._sweep(entry)
+                    continue
+                is_object = name.endswith(_OBJECT)
+                if is_object:
+                    name = name[:-1]
+                elif not entry.is_dir(follow_symlinks=False):
+                    continue
+                segment = self._segment_of(entry.path, name, is_object)
+                if segment is None:
+                    continue
+                if is_object:
+                    key = base + segment
+                    if key.startswith(prefix) and (start_after is None or key > start_after):
+                        entries.append((segment, key, None))
+                else:
+                    # Every key under the directory starts with `block`: all of them
+                    # lie outside the prefix (whose last segment is in this directory
+                    # or above), or all before start_after, or none.
+                    block = base + segment + "/"
+                    if not block.startswith(prefix):
+                        continue
+                    if start_after is not None and start_after > block and not start_after.startswith(block):
+                        continue
+                    entries.append((segment + "/", block, entry.path))
+        # Siblings sort as their segment (objects) or segment + "/" (directories):
+        # str order is code-point order, which is UTF-8 byte order.
+        entries.sort()
+        for _, key, subdir in entries:
+            if subdir is None:
+                yield key
+            else:
+                yield from self._walk(subdir, key, prefix, start_after)
+
+    def _segment_of(self, path, name, is_object):
+        if name == _EMPTY:
+            return ""
+        if not name.startswith(_HASHED):
+            return _decode_segment(name)
+        try:
+            if is_object:
+                with open(path, "rb") as f:
+                    encoded = f.readline().rstrip(b"\n").decode("ascii")
+            else:
+                with open(os.path.join(path, _SEGMENT_FILE), "rb") as f:
+                    encoded = f.read().decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            return None  # being removed, or written before its ".segment" (no objects yet)
+        segment = _decode_segment(encoded)
+        return segment if segment is not None and _hashed_name(encoded) == name else None
+
+    @staticmethod
+    def _sweep(entry):
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < time.time() - _STALE_TMP_SECONDS:
+                os.unlink(entry.path)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+    # -- writes ------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self):
+        # One open file description per call: flock then excludes other threads of
+        # this process too, and a forked child never shares our lock.  The explicit
+        # unlock releases it even if a forked child still holds a copy of the fd.
+        try:
+            fd = os.open(os.path.join(self.root, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise self._error("cannot open the lock file", exc) from None
+        try:
+            self._flock(fd, self._LOCK_EX)
+            yield
+        finally:
+            try:
+                self._flock(fd, self._LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def put(self, key, body, *, if_match=None, if_none_match=False):
+        body = bytes(body)
+        etag = _etag(body)
+        directory, hashed_dirs, path, hashed = self._locate(key)
+        data = body if hashed is None else hashed.encode("ascii") + b"\n" + body
+        conditional = if_none_match or if_match is not None
+        try:
+            if conditional:
+                # A write that is bound to lose fails before paying for its fsync
+                # (a read is atomic, so this is a valid answer); a winner checks
+                # again under the lock.
+                self._check(key, path, hashed, if_match, if_none_match)
+            tmp = self._write_temporary(directory, data)
+        except OSError as exc:
+            raise self._error("cannot write", exc, key) from None
+        done = False
+        try:
+            with self._locked():
+                try:
+                    if conditional:
+                        self._check(key, path, hashed, if_match, if_none_match)
+                    for dir_path, encoded in hashed_dirs:
+                        self._name_directory(dir_path, encoded)
+                    os.replace(tmp, path)
+                    done = True
+                finally:
+                    if not done:
+                        # Dropping the write may leave a directory it created empty.
+                        self._discard(tmp)
+                        self._prune(directory)
+        except OSError as exc:
+            raise self._error("cannot write", exc, key) from None
+        finally:
+            if not done:
+                self._discard(tmp)  # also when the lock could not be taken
+        self._fsync_directory(directory)
+        return etag
+
+    def _check(self, key, path, hashed, if_match, if_none_match):
+        try:
+            current = _etag(self._read(path, hashed))
+        except FileNotFoundError:
+            current = None
+        if if_none_match and current is not None:
+            raise ConflictError("%s already exists" % key)
+        if if_match is not None and current is None:
+            raise ConflictError("%s does not exist (If-Match %s)" % (key, if_match))
+        if if_match is not None and current != if_match:
+            raise ConflictError("%s changed (ETag mismatch)" % key)
+
+    def _write_temporary(self, directory, data):
+        tmp = os.path.join(directory, "%s%d-%s" % (_TMP, os.getpid(), os.urandom(6).hex()))
+        # The directory may be missing, or be removed (when empty) by a delete
+        # between our mkdir and our open: then make it again.  Once the temporary
+        # file is in it, no delete removes it.
+        for attempt in range(20):
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileNotFoundError:
+                if attempt == 19:
+                    raise
+                try:
+                    os.makedirs(directory, exist_ok=True)
+                except FileNotFoundError:
+                    pass  # a parent went away meanwhile: try again
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self._discard(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def _name_directory(self, dir_path, encoded):
+        # Under the lock, before an object appears in a hashed directory: its
+        # ".segment" (a delete's pruning may have removed it meanwhile).
+        name_path = os.path.join(dir_path, _SEGMENT_FILE)
+        if not os.path.exists(name_path):
+            tmp = self._write_temporary(dir_path, encoded.encode("ascii"))
+            os.replace(tmp, name_path)
+
+    @staticmethod
+    def _discard(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def _fsync_directory(self, directory):
+        # Makes the rename durable; a directory pruned meanwhile needs nothing.
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some file systems refuse fsync on directories
+        finally:
+            os.close(fd)
+
+    def delete(self, key):
+        directory, _, path, _ = self._locate(key)
+        try:
+            with self._locked():
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    return
+                self._prune(directory)
+        except OSError as exc:
+            raise self._error("cannot delete", exc, key) from None
+        self._fsync_directory(os.path.dirname(path))
+
+    def _prune(self, directory):
+        """Remove `directory` and its parents while empty.  Called under the lock;
+        a writer outside it may be recreating them, and then rmdir fails."""
+        while directory != self.root and directory.startswith(self.root):
+            if os.path.basename(directory).startswith(_HASHED):
+                try:
+                    if os.listdir(directory) != [_SEGMENT_FILE]:
+                        return
+                    os.unlink(os.path.join(directory, _SEGMENT_FILE))
+                except OSError:
+                    return
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
+            directory = os.path.dirname(directory)
+
+    # -- versions ----------------------------------------------------------------
+
+    def versions(self, key):
+        raise VersioningUnavailable("the local store keeps no object versions")
+
+    def get_version(self, key, version_id):
+        raise VersioningUnavailable("the local store keeps no object versions")
+
+
 class _ServerClock:
     """The server's time, learnt from the `Date` header of replies (whole
     seconds) and carried forward by the local monotonic clock.
@@ -1004,9 +1420,10 @@ class S3Store:
     def get_version(self, key, version_id):
         try:
             r = self.client.get_object(self.bucket, key, version_id=version_id)
-        except self._sigv4.NoSuchKey:
-            return None
         except self._sigv4.S3Error as exc:
+            # A delete marker has no body: AWS answers 405, moto 404 NoSuchVersion.
+            if exc.status in (404, 405):
+                return None
             raise self._wrap(exc) from None
         return Blob(r.body, r.etag)
 
@@ -1978,8 +2395,9 @@ GRACE_PERIOD = 30.0  # seconds running handlers get to finish on shutdown
 CONCURRENCY = 8
 _SKIP_TTL = 60.0  # seconds an id known not to be ours / not claimable is skipped
 # An id held by a worker (or whose race we lost) is skipped only briefly:
-# its holder may put it back (retry, requeue on shutdown) at any moment.
-_BUSY_SKIP = 5.0
+# its holder may put it back (retry, requeue on shutdown) at any moment, and
+# its ready key, the only reason to read it, is normally gone within ms.
+_BUSY_SKIP = 1.0
 
 
 class TaskContext:
@@ -2302,6 +2720,10 @@ class Worker:
                 self._discovery.skip(task_id, _SKIP_TTL)
             else:
                 self._discovery.skip(task_id, min(wait or _BUSY_SKIP, _SKIP_TTL))
+        else:
+            # Ours now: sibling slots must not re-read it from a ready key
+            # whose deletion is still queued (unskipped when it finishes).
+            self._discovery.skip(task_id, _SKIP_TTL)
         return task
 
     # -- running a handler -------------------------------------------------------------
@@ -2428,7 +2850,8 @@ class Worker:
                     due["schedule"] = elapsed + wait + 0.05
                 if self.monitor and elapsed >= due["monitor"]:
                     due["monitor"] = elapsed + self.monitor_interval
-                    self._queue.recover_expired_leases()
+                    for task in self._queue.recover_expired_leases():
+                        self._discovery.unskip(task.doc["id"])  # claimable again here too
                 if self.monitor and elapsed >= due["sweep"]:
                     due["sweep"] = elapsed + self.sweep_interval
                     sweeper.step()
@@ -3529,6 +3952,9 @@ def _parser():
     c.add_argument("--limit", type=int, help="stop after this many changes")
     c = cmd("sweep", "repair the ready and lease indexes (one full pass)")
     c = cmd("doctor", "check that a bucket can safely run the queue")
+    c = cmd("demo", "submit demo tasks and run a worker on them, showing progress", json_flag=False)
+    c.add_argument("--tasks", type=int, default=24, help="how many (24)")
+    c.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (60)")
 
     c = cmd("config", "show, validate or locate the configuration")
     c.add_argument("action", choices=("show", "validate", "paths"))
@@ -4019,12 +4445,92 @@ def _cmd_schedule(args, out):
     return _emit(args, out, data, lambda: out.write("%s %sd\n" % (args.id, action)))
 
 
+def _cmd_demo(args, out):
+    """Submit a batch of tasks and let a worker run them, showing progress:
+    buquet's main job end to end, on whatever store is configured (with
+    nothing configured, the local directory store)."""
+    queue, _ = _queue_for(args)
+    total = args.tasks
+    rng = random.Random()
+    policy = {"initial_interval_ms": 300, "max_interval_ms": 1000, "multiplier": 2.0, "jitter_percent": 0.2}
+    tasks = queue.submit_many([{"task_type": "demo.thumbnail", "input": {"image": "photo-%03d.jpg" % i},
+                                "retry_policy": policy} for i in range(total)])
+    ids = {t.doc["id"] for t in tasks}
+    out.write("submitted %d demo.thumbnail tasks to %r\n" % (total, queue.store))
+    worker = Worker(queue, "demo-worker", concurrency=4, poll_min=0.05, poll_max=0.25, monitor=False,
+                    scheduler=False)
+    lock = threading.Lock()
+    state = {"running": 0, "completed": 0, "retried": 0, "failed": 0}
+    flaky = set(rng.sample(sorted(ids), max(1, total // 6)))
+
+    @worker.task("demo.thumbnail")
+    def thumbnail(input, ctx):
+        with lock:
+            state["running"] += 1
+        try:
+            time.sleep(rng.uniform(0.05, 0.4))  # the "work"
+            if ctx.task_id in flaky and ctx.retry_count == 0:
+                raise RetryableError("thumbnail service busy (the demo fails some tasks once)")
+            return {"thumbnail": input["image"].replace(".jpg", "-thumb.jpg")}
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    @worker.on_success
+    def done(task, output):
+        if task.doc["id"] in ids:
+            with lock:
+                state["completed"] += 1
+
+    @worker.on_error
+    def failed(task, error):
+        if task.doc["id"] in ids:
+            with lock:
+                state["retried" if task.doc.get("status") == "pending" else "failed"] += 1
+
+    tty = hasattr(out, "isatty") and out.isatty()
+
+    def watch():
+        deadline = time.monotonic() + args.timeout
+        last = None
+        while time.monotonic() < deadline:
+            with lock:
+                snapshot = dict(state)
+            line = "  running %(running)d  completed %(completed)d  retried %(retried)d  failed %(failed)d" % snapshot
+            if tty:
+                out.write("\r" + line)
+            elif line != last:  # a log, not a terminal: one line per change
+                out.write(line + "\n")
+            last = line
+            out.flush()
+            if snapshot["completed"] + snapshot["failed"] >= total:
+                break
+            time.sleep(0.2 if tty else 0.5)
+        if tty:
+            out.write("\n")
+        worker.stop()
+    watcher = threading.Thread(target=watch, name="buquet-demo", daemon=True)
+    watcher.start()
+    worker.run(install_signal_handlers=False)
+    watcher.join()
+    finished = [queue.get(t) for t in sorted(ids)]
+    counts = {}
+    for t in finished:
+        counts[t.doc["status"]] = counts.get(t.doc["status"], 0) + 1
+    out.write("done: %s\n" % ", ".join("%d %s" % (n, s) for s, n in sorted(counts.items())))
+    sample = next((t for t in finished if t.doc.get("retry_count")), finished[0])
+    out.write("one of them: %s %s attempt %d, output %s\n" % (
+        sample.doc["id"], sample.doc["status"], sample.doc.get("attempt", 0), dumps(sample.doc.get("output"))))
+    out.write("next: `buquet list --status completed`, `buquet get %s`, `buquet stats`\n" % sample.doc["id"])
+    return EXIT_OK if counts.get("completed") == total else EXIT_FAILED
+
+
 _COMMANDS = {
     "submit": _cmd_submit, "get": _cmd_get, "status": _cmd_get, "history": _cmd_history,
     "replay": _cmd_simple("replay"), "archive": _cmd_simple("archive"), "list": _cmd_list,
     "cancel": _cmd_cancel, "workers": _cmd_workers, "stats": _cmd_stats, "tail": _cmd_tail,
     "sweep": _cmd_sweep, "config": _cmd_config, "worker": _cmd_worker, "schedule": _cmd_schedule,
-    "doctor": lambda args, out: _cmd_doctor(args, out),
+    "doctor": lambda args, out: _cmd_doctor(args, out), "demo": _cmd_demo,
 }
 
 
