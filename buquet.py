@@ -156,7 +156,7 @@ class InvalidTransition(BuquetError):
 
     def __init__(self, task_id, status, event, allowed=()):
         expected = " (allowed from: %s)" % ", ".join(allowed) if allowed else ""
-        super().__init__("cannot %s task %s: it is %s%s" % (event.replace("_", " "), task_id, status, expected))
+        super().__init__("task %s is %s: %s is not allowed%s" % (task_id, status, event, expected))
         self.task_id = task_id
         self.status = status
         self.event = event
@@ -606,6 +606,12 @@ _LEASED = frozenset(
 )
 # Outcomes of a handler; a requested cancellation overrides them.
 _FINISHING = frozenset(("complete", "retry", "reschedule", "fail"))
+_ALWAYS_WRITTEN = {
+    "output": None, "timeout_seconds": DEFAULT_TIMEOUT, "max_retries": DEFAULT_MAX_RETRIES, "retry_count": 0,
+    "retry_policy": DEFAULT_RETRY_POLICY, "status": "pending", "lease_expires_at": None, "lease_id": None,
+    "attempt": 0, "completed_at": None, "worker_id": None, "last_error": None, "reschedule_count": 0,
+    "cancel_requested": False,
+}
 _CLEAR_LEASE = {"lease_id": None, "lease_expires_at": None, "worker_id": None}
 TIMEOUT_ERROR = "Timeout - task exceeded lease duration"
 
@@ -643,7 +649,10 @@ def transition(doc, event, now, *, lease_id=None, **args):
     if status not in allowed:
         raise InvalidTransition(task_id, status, event, allowed)
     ts = format_timestamp(now)
-    new = dict(doc)
+    # Fields the original always writes are filled in when a document that
+    # relied on reader defaults is rewritten (spec 3.2).
+    new = dict(_ALWAYS_WRITTEN)
+    new.update(doc)
     new["status"] = target
     new["updated_at"] = ts
     if event == "claim":
@@ -1336,9 +1345,12 @@ class S3Store:
         self.clock = _ServerClock()
         if client is None:
             client = sigv4.S3Client(endpoint=endpoint, region=region, profile=profile, credentials=credentials,
-                                    on_reply=self.clock.observe, **client_options)
-        else:
-            client._on_reply = self.clock.observe
+                                    **client_options)
+        # The clock hears every reply; a hook the caller gave hears it too.
+        theirs = client._on_reply
+        observe = self.clock.observe
+        client._on_reply = observe if theirs is None else (
+            lambda date, sent, received: (observe(date, sent, received), theirs(date, sent, received)))
         self.client = client
 
     def __repr__(self):
@@ -1460,7 +1472,12 @@ def _seconds(value, name):
         return value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError("%s must be a number of seconds or a timedelta, got %r" % (name, value))
+    if abs(value) > _MAX_SECONDS:
+        raise ValueError("%s must be at most %d seconds (100 years), got %r" % (name, _MAX_SECONDS, value))
     return float(value)
+
+
+_MAX_SECONDS = 100 * 365 * 86400  # far beyond any real delay; keeps datetimes in range
 
 
 def _instant(value, name):
@@ -1538,6 +1555,8 @@ class Queue:
         self._pool = None
         self._pool_lock = threading.Lock()
         self._versioned = None
+        self._discoveries = {}  # shards -> _Discovery, for claim_next
+        self._claimer_id = "worker-%s" % uuid.uuid4().hex[:8]
         self.skipped = {}  # key -> reason, for documents that could not be read
         # Index upkeep after a transition goes through this hook; a worker
         # swaps in a background runner to keep it off the handler's path.
@@ -2012,25 +2031,30 @@ class Queue:
         self._reindex(doc, new_doc, [ready_key] if ready_key else ())
         return Task(new_doc, etag, key), None
 
-    def claim_next(self, shards=None, task_types=None, *, worker_id=None, limit=100):
-        """Claim the first claimable task found in the ready index of the
-        given shards (all by default), or return None."""
-        shards = list(self.shards if shards is None else shards)
+    def claim_next(self, shards=None, task_types=None, *, worker_id=None):
+        """Claim a claimable task from the ready index of the given shards
+        (all by default), or return None.  Discovery is the worker's: one
+        LIST for every shard, candidates kept for the next calls."""
+        shards = tuple(self.shards if shards is None else shards)
         for s in shards:
             self._check_shard(s)
-        worker_id = worker_id or "worker-%s" % uuid.uuid4().hex[:8]
-        now_bucket = minute_bucket(self.now())
-        start = int(self._rand() * len(shards)) if shards else 0
-        for shard in shards[start:] + shards[:start]:
-            keys, _ = self.store.list("ready/%s/" % shard, limit=limit)
-            for key in keys:
-                parsed = parse_index_key(key)
-                if parsed is None or parsed[1] > now_bucket:
-                    continue
-                task = self.claim(parsed[2], worker_id, task_types, ready_key=key)
-                if task is not None:
-                    return task
-        return None
+        worker_id = worker_id or self._claimer_id
+        discovery = self._discoveries.get(shards)
+        if discovery is None:
+            discovery = self._discoveries[shards] = _Discovery(self, shards, self._rand)
+        refilled = False
+        while True:
+            candidate = discovery.take()
+            if candidate is None:
+                if refilled or not discovery.refill(self.now()):
+                    return None
+                refilled = True
+                continue
+            # No skip cache here, unlike the worker: each call answers for
+            # the state of the bucket at that moment.
+            task, _ = self._claim(candidate[1], worker_id, task_types, candidate[0])
+            if task is not None:
+                return task
 
     # -- finishing a claimed task ------------------------------------------------
 
@@ -2067,7 +2091,7 @@ class Queue:
     def extend_lease(self, task, seconds):
         """Push a claimed task's lease `seconds` further (from its current end
         or now, whichever is later)."""
-        _uint(seconds, "seconds", 1, _U64)
+        _uint(seconds, "seconds", 1, _MAX_SECONDS)
         return self._write(task, "extend_lease", lease_id=task.doc.get("lease_id"), seconds=seconds)
 
     def requeue(self, task):
@@ -2313,7 +2337,7 @@ def connect(bucket=None, endpoint=None, region=None, profile=None, *, store=None
     [profiles.NAME]; BUQUET_PROFILE likewise).  Credentials: `credentials`,
     else the AWS chain (`aws_profile` or AWS_PROFILE for shared files).  With
     no bucket at all, the local directory store is used (BUQUET_LOCAL_DIR,
-    default ./.buquet), with a one-line notice on stderr.  Inside a running
+    else ./.buquet with a one-line notice on stderr).  Inside a running
     event loop this returns an AsyncQueue (`queue = await connect()`)."""
     env = os.environ if environ is None else environ
     if store is None:
@@ -2325,9 +2349,11 @@ def connect(bucket=None, endpoint=None, region=None, profile=None, *, store=None
         if shard_prefix_len is None:
             shard_prefix_len = settings.get("shard_prefix_len", SHARD_PREFIX_LEN)
         if bucket is None:
-            root = local_dir or settings.get("local_dir") or ".buquet"
-            sys.stderr.write("buquet: no bucket configured (S3_BUCKET); using the local directory store at %s\n"
-                             % root)
+            root = local_dir or settings.get("local_dir")
+            if not root:  # the fallback says so; a directory the user chose does not need saying
+                root = ".buquet"
+                sys.stderr.write("buquet: no bucket configured (S3_BUCKET); using the local directory store at %s\n"
+                                 % root)
             store = LocalStore(root)
         else:
             endpoint = endpoint or settings.get("endpoint")
@@ -2756,9 +2782,6 @@ class Worker:
                 if self._running.get(task_id) is task:  # not a newer attempt of the same task
                     del self._running[task_id]
                 self._wake.notify_all()
-            # Our other slots may have skipped it while it ran; a retry or a
-            # reschedule makes it ours to claim again when due.
-            self._discovery.unskip(task_id)
 
     def _finish(self, ctx, operation, arg, error=None, output=None):
         try:
@@ -2773,6 +2796,11 @@ class Worker:
             _warn("task %s: could not record the result: %s", ctx.task_id, exc)
             return
         status = final.doc.get("status")
+        if status == "pending":
+            # Retried or rescheduled: ours to claim again when due (it was
+            # skipped here while it ran; a finished one stays skipped, so its
+            # ready key, deleted in the background, is not read again).
+            self._discovery.unskip(ctx.task_id)
         if status == "completed":
             with self._lock:
                 self.completed += 1
@@ -2889,6 +2917,7 @@ class Worker:
         try:
             return await loop.run_in_executor(None, self._run, False)
         finally:
+            self._loop = None  # a later run() must not send coroutines to this loop
             if install_signal_handlers:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     try:
@@ -3492,7 +3521,7 @@ def _toml_scan(text, i, where):
                 i = text.find("\n", i) if "\n" in text[i:] else len(text)
                 continue
             if i >= len(text):
-                raise ConfigError("%s: unterminated array" % where)
+                raise _TomlUnterminated("%s: unterminated array" % where)
             if text[i] == "]":
                 return items, i + 1
             value, i = _toml_scan(text, i, where)
@@ -3521,6 +3550,22 @@ def _toml_scan(text, i, where):
         pass
     raise ConfigError("%s: cannot read %r (the small TOML reader used before Python 3.11 reads strings, "
                       "numbers, booleans and arrays)" % (where, token))
+
+
+class _TomlUnterminated(ConfigError):
+    """An array still open at the end of the text read so far."""
+
+
+def _toml_closed(text, where):
+    """Whether an array value is complete, so that the next line is not part
+    of it (brackets in strings and comments do not count)."""
+    try:
+        _toml_scan(text, 0, where)
+    except _TomlUnterminated:
+        return False
+    except ConfigError:
+        pass  # another error: reported when the value is read
+    return True
 
 
 def _toml_key(text, where):
@@ -3578,13 +3623,15 @@ def _parse_toml_small(text, name):
         if not eq:
             raise ConfigError("%s: expected key = value, got %r" % (where, line))
         value = value.strip()
-        while value.startswith("[") and value.count("[") > value.count("]") and n < len(lines):
+        while value.startswith("[") and n < len(lines) and not _toml_closed(value, where):
             value += "\n" + lines[n]  # an array over several lines
             n += 1
         parts = _toml_key(key, where)
         target = table
         for part in parts[:-1]:
             target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError("%s: %r is not a table" % (where, part))
         if parts[-1] in target:
             raise ConfigError("%s: key %r defined twice" % (where, key.strip()))
         target[parts[-1]] = _toml_value(value, where)
@@ -3823,10 +3870,10 @@ def _when(value):
     if value is None:
         return "-"
     dt = parse_timestamp(value) if isinstance(value, str) else value
-    local = dt.astimezone()
+    local, utc = dt.astimezone(), dt.astimezone(timezone.utc)
     if local.utcoffset() == timedelta(0):
-        return dt.strftime("%Y-%m-%d %H:%M:%S UTC")
-    return "%s (%s)" % (local.strftime("%Y-%m-%d %H:%M:%S %Z"), dt.strftime("%H:%M:%S UTC"))
+        return utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "%s (%s)" % (local.strftime("%Y-%m-%d %H:%M:%S %Z"), utc.strftime("%H:%M:%S UTC"))
 
 
 def _table(rows, headers, out):
@@ -4039,13 +4086,15 @@ def _emit(args, out, data, human):
 
 
 def _cmd_submit(args, out):
+    # Every argument is parsed before the store is touched: bad input writes nothing.
+    def given(value, parse):
+        return None if value is None else parse(value)
+    input = _json_arg(args.input, "--input")
+    options = dict(delay=given(args.delay, parse_duration), at=given(args.at, parse_rfc3339),
+                   ttl=given(args.ttl, parse_duration), expires_at=given(args.expires_at, parse_rfc3339))
     queue, _ = _queue_for(args)
     task = queue.submit(
-        args.task_type, _json_arg(args.input, "--input"),
-        delay=parse_duration(args.delay) if args.delay else None,
-        at=parse_rfc3339(args.at) if args.at else None,
-        ttl=parse_duration(args.ttl) if args.ttl else None,
-        expires_at=parse_rfc3339(args.expires_at) if args.expires_at else None,
+        args.task_type, input, **options,
         timeout=args.timeout, max_retries=args.retries, max_reschedules=args.max_reschedules,
         idempotency_key=args.idempotency_key)
     return _emit(args, out, task.to_dict(), lambda: out.write(
@@ -4393,10 +4442,15 @@ def _schedule_data(schedule, queue, n=5):
 
 
 def _cmd_schedule(args, out):
-    queue, _ = _queue_for(args)
     action = args.schedule_command
     if action == "create":
-        schedule = queue.create_schedule(args.id, args.task_type, _json_arg(args.input, "--input"), args.cron,
+        import cron
+
+        input = _json_arg(args.input, "--input")
+        cron.Cron(args.cron, args.tz)  # CronError is a ValueError: bad input, exit 2
+    queue, _ = _queue_for(args)
+    if action == "create":
+        schedule = queue.create_schedule(args.id, args.task_type, input, args.cron,
                                          timezone=args.tz, timeout=args.timeout, max_retries=args.retries)
         return _emit(args, out, _schedule_data(schedule, queue), lambda: out.write(
             "created %s: %s %r, next run %s\n" % (args.id, args.task_type, args.cron,
