@@ -2624,7 +2624,8 @@ class Worker:
         self._claimed = 0
         self.completed = 0
         self.failed = 0
-        self._index_jobs = []
+        self._index_jobs = []  # lists of stale index keys to delete, oldest first
+        self._index_busy = set()  # the keys the index thread is deleting now
         self._index_cond = threading.Condition()
         self._index_thread = None
         self._index_stop = False
@@ -2815,14 +2816,27 @@ class Worker:
     # -- background index upkeep -------------------------------------------------------
 
     def _defer_index_ops(self, puts, deletes):
+        """Index upkeep after a transition.  New keys are written now: a
+        lease key (claim) or ready key (retry, requeue) still queued when the
+        process dies would hide the task from the monitor and from workers
+        until the sweeper comes by, hours later on a big bucket.  Deletes of
+        keys that became stale wait for the background thread: a stale key
+        is a hint that costs a GET, never a lost task."""
         with self._index_cond:
-            if self._index_thread is not None and not self._index_stop:
-                self._index_jobs.append((puts, deletes))
-                self._index_cond.notify()
-                return
-        # No background thread (step() called outside run(), or a handler
-        # finishing after shutdown): do it now rather than queue it forever.
-        self._queue._index_now(puts, deletes)
+            background = self._index_thread is not None and not self._index_stop
+            if background and puts:
+                # A delete queued by an earlier transition of the same task
+                # (same minute, same key) must not undo this write.
+                written = set(puts)
+                self._index_jobs = [[k for k in job if k not in written] for job in self._index_jobs]
+                while self._index_busy & written:
+                    self._index_cond.wait()
+            if background and deletes:
+                self._index_jobs.append(list(deletes))
+                self._index_cond.notify_all()
+        # Without a background thread (step() called outside run(), or a
+        # handler finishing after shutdown) the deletes are done now too.
+        self._queue._index_now(puts, [] if background else deletes)
 
     def _index_loop(self):
         while True:
@@ -2831,8 +2845,12 @@ class Worker:
                     if self._index_stop:
                         return
                     self._index_cond.wait()
-                puts, deletes = self._index_jobs.pop(0)
-            self._queue._index_now(puts, deletes)
+                deletes = self._index_jobs.pop(0)
+                self._index_busy = set(deletes)
+            self._queue._index_now([], deletes)
+            with self._index_cond:
+                self._index_busy = set()
+                self._index_cond.notify_all()
 
     def _flush_index(self):
         with self._index_cond:
@@ -4288,15 +4306,25 @@ def _list_with_etags(queue, prefix):
 def _cmd_tail(args, out):
     queue, _ = _queue_for(args)
     interval = parse_duration(args.interval)
-    seen = {}
+    seen = {}  # key -> the ETag last seen, from the listing or, when it has none, from the read
     shown = 0
     first = True
     while True:
         current = _list_with_etags(queue, "tasks/")
         changed = [k for k, e in current.items() if k.endswith(".json") and (e is None or seen.get(k) != e)]
-        for task, _ in queue._map(queue._read, [] if first else changed):
+        for k, e in current.items():
+            if e is not None:
+                seen[k] = e
+        # Without ETags in the listing every task is read (the first look
+        # too), and only the ones whose ETag moved are shown.
+        must_read = changed if not first else [k for k in changed if current[k] is None]
+        for task, _ in queue._map(queue._read, must_read):
             if task is None:
                 continue
+            if current.get(task.key) is None:
+                before, seen[task.key] = seen.get(task.key), task.etag
+                if first or before == task.etag:
+                    continue
             if args.status and task.doc.get("status") != args.status:
                 continue
             if args.task_type and task.doc.get("task_type") != args.task_type:
@@ -4311,7 +4339,6 @@ def _cmd_tail(args, out):
             shown += 1
             if args.limit and shown >= args.limit:
                 return EXIT_OK
-        seen = current
         first = False
         time.sleep(interval)
 

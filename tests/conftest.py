@@ -58,7 +58,7 @@ SECRET_KEY = "buquet-test-secret-not-a-real-credential"
 # SeaweedFS is ready in about a second and moto in two; 30 s leaves room for a loaded CI box.
 STARTUP_TIMEOUT = 30.0
 # weed stops in 1-3 s on SIGTERM; after this we stop asking.
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 3.0  # seconds after SIGTERM before SIGKILL: the servers hold nothing worth saving
 # A port picked free can be taken before the server binds it; then start again.
 START_ATTEMPTS = 3
 LOG_TAIL_LINES = 40
