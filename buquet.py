@@ -751,6 +751,8 @@ def index_keys(doc):
 #       Keys under prefix, after start_after, ascending UTF-8 byte order.
 #       start_after is a key, or a "directory" ending in "/": SeaweedFS reads
 #       "a" as the whole a/ subtree and skips it, where S3 lists a/b.
+#   list_info(prefix, *, start_after=None, limit=1000) -> ([(key, modified)], truncated)
+#       The same listing with each object's last-modified time (aware UTC).
 #   versions(key) -> [Version] newest first, or raise VersioningUnavailable
 #   get_version(key, version_id) -> Blob | None
 #   now() -> aware UTC datetime: the store's clock (S3: the server's).
@@ -809,6 +811,7 @@ class MemoryStore:
 
     def __init__(self, *, clock=None, versioned=False):
         self._objects = {}
+        self._modified = {}
         self._history = {}  # key -> [(version_id, body or None, when)], newest last
         self._lock = threading.Lock()
         self._clock = clock or _utc_now
@@ -836,6 +839,7 @@ class MemoryStore:
             if if_match is not None and (current is None or current.etag != if_match):
                 raise ConflictError("%s changed (ETag mismatch)" % key)
             blob = self._objects[key] = Blob(bytes(body), _etag(body))
+            self._modified[key] = self._clock()
             if self.versioned:
                 self._history.setdefault(key, []).append((uuid.uuid4().hex, blob.body, self._clock()))
             return blob.etag
@@ -854,6 +858,11 @@ class MemoryStore:
                 key=lambda k: k.encode("utf-8"),
             )
             return keys[:limit], len(keys) > limit
+
+    def list_info(self, prefix, *, start_after=None, limit=1000):
+        keys, truncated = self.list(prefix, start_after=start_after, limit=limit)
+        with self._lock:
+            return [(k, self._modified.get(k)) for k in keys], truncated
 
     def versions(self, key):
         if not self.versioned:
@@ -1054,6 +1063,17 @@ class LocalStore:
         except OSError as exc:
             raise self._error("cannot list", exc, prefix) from None
         return keys, False
+
+    def list_info(self, prefix, *, start_after=None, limit=1000):
+        keys, truncated = self.list(prefix, start_after=start_after, limit=limit)
+        out = []
+        for key in keys:
+            try:
+                mtime = os.stat(self._locate(key)[2]).st_mtime
+            except OSError:
+                continue  # deleted since the listing
+            out.append((key, datetime.fromtimestamp(mtime, timezone.utc)))
+        return out, truncated
 
     def _walk(self, path, base, prefix, start_after):
         entries = []
@@ -1411,6 +1431,14 @@ class S3Store:
                     return keys, page.is_truncated
         except self._sigv4.S3Error as exc:
             raise self._wrap(exc) from None
+
+    def list_info(self, prefix, *, start_after=None, limit=1000):
+        try:
+            page = self.client.list_objects_v2(self.bucket, prefix=prefix, start_after=start_after,
+                                               max_keys=min(1000, limit))
+        except self._sigv4.S3Error as exc:
+            raise self._wrap(exc) from None
+        return [(o.key, o.last_modified) for o in page.contents], page.is_truncated
 
     def versioning(self):
         try:
@@ -1990,46 +2018,49 @@ class Queue:
         return self._claim(task_id, worker_id, task_types, ready_key)[0]
 
     def _claim(self, task_id, worker_id, task_types, ready_key):
-        """claim's work.  Returns (running Task, None) or (None, wait): the
-        seconds before another try could succeed (not yet due), 0.0 when
-        that may be any time (a worker holds it, or the race was lost), None
-        when it cannot become claimable by itself (gone, foreign type,
-        finished, expired).  A worker sizes its skip cache with it."""
+        """claim's work.  Returns (running Task, None, False) or (None, wait,
+        taken): wait is the seconds before another try could succeed (not
+        yet due), 0.0 when that may be any time (a worker holds it, or the
+        race was lost), None when it cannot become claimable by itself
+        (gone, foreign type, finished, expired); taken says that another
+        claimer got there first (gone, no longer pending, race lost), a sign
+        that the listing it came from is stale.  A worker sizes its skip
+        cache with wait and lists again when taken."""
         task_id = _task_id(task_id)
         key = self._key_for(task_id)
         task, _ = self._read(key)
         if task is None:
-            return None, None
+            return None, None, True
         doc = task.doc
         if task_types is not None and doc["task_type"] not in task_types:
-            return None, None
+            return None, None, False
         status = doc.get("status", "pending")
         if status != "pending":
-            return None, (0.0 if status == "running" else None)
+            return None, (0.0 if status == "running" else None), True
         now = self.now()
         if doc.get("expires_at") and now >= parse_timestamp(doc["expires_at"]):
             try:
                 self._write(task, "expire", also_delete=[ready_key] if ready_key else (), attempts=1)
             except (BuquetError,) as exc:
                 _warn("could not mark task %s expired: %s", task_id, exc)
-            return None, None
+            return None, None, False
         available = parse_timestamp(doc["available_at"])
         if now < available:
-            return None, (available - now).total_seconds()
+            return None, (available - now).total_seconds(), False
         lease = str(uuid.uuid4())
         new_doc = transition(doc, "claim", now, worker_id=worker_id, new_lease_id=lease)
         body = encode_task(new_doc)
         try:
             etag = self.store.put(key, body, if_match=task.etag)
         except ConflictError:
-            return None, 0.0
+            return None, 0.0, True
         except UncertainWrite:
             latest, _ = self._read(key)
             if latest is None or latest.doc.get("lease_id") != lease:
-                return None, 0.0
+                return None, 0.0, True
             etag = latest.etag
         self._reindex(doc, new_doc, [ready_key] if ready_key else ())
-        return Task(new_doc, etag, key), None
+        return Task(new_doc, etag, key), None, False
 
     def claim_next(self, shards=None, task_types=None, *, worker_id=None):
         """Claim a claimable task from the ready index of the given shards
@@ -2052,7 +2083,7 @@ class Queue:
                 continue
             # No skip cache here, unlike the worker: each call answers for
             # the state of the bucket at that moment.
-            task, _ = self._claim(candidate[1], worker_id, task_types, candidate[0])
+            task = self._claim(candidate[1], worker_id, task_types, candidate[0])[0]
             if task is not None:
                 return task
 
@@ -2420,6 +2451,8 @@ GRACE_PERIOD = 30.0  # seconds running handlers get to finish on shutdown
 # few leases and connections.  CPU-bound handlers want 1 and more processes.
 CONCURRENCY = 8
 _SKIP_TTL = 60.0  # seconds an id known not to be ours / not claimable is skipped
+FLEET_REFRESH = 30.0  # seconds between looks at workers/ while there is a backlog
+FLEET_RECHECK = 1.0  # ... or this soon after another worker took a task we listed
 # An id held by a worker (or whose race we lost) is skipped only briefly:
 # its holder may put it back (retry, requeue on shutdown) at any moment, and
 # its ready key, the only reason to read it, is normally gone within ms.
@@ -2501,6 +2534,15 @@ class _Discovery:
         self._skip = {}  # task id -> monotonic time until which it is skipped
         self._lock = threading.Lock()
         self.lists = 0
+        # (this worker's rank, live workers): each takes its own share of a
+        # shared backlog first, then helps with the rest.
+        self.partition = (0, 1)
+
+    def drop(self):
+        """Forget the candidates (another worker got there first: the
+        listing is stale, list again rather than read stale keys)."""
+        with self._lock:
+            self._candidates = []
 
     def skip(self, task_id, seconds=_SKIP_TTL):
         self._skip[task_id] = time.monotonic() + seconds
@@ -2555,12 +2597,26 @@ class _Discovery:
         with self._lock:
             self._skip = {k: v for k, v in self._skip.items() if v > now_mono}
             fresh = [c for c in found if c[1] not in self._skip]
-            # A random order per worker and poll: workers sharing a backlog
-            # rarely try the same key.  take() pops from the end.
-            r = self._rand
-            fresh.sort(key=lambda c: r())
-            self._candidates = fresh
+            # This worker's share first (by the id's last hex digits, which
+            # are random), the others' after, each in a random order of this
+            # worker's own: workers sharing a backlog rarely try the same
+            # key.  take() pops from the end.
+            self._candidates = self._order(fresh)
             return len(fresh)
+
+    def _order(self, candidates):
+        rank, count = self.partition
+        r = self._rand
+        mine = [c for c in candidates if int(c[1][-8:], 16) % count == rank]
+        others = [c for c in candidates if int(c[1][-8:], 16) % count != rank] if count > 1 else []
+        mine.sort(key=lambda c: r())
+        others.sort(key=lambda c: r())
+        return others + mine
+
+    def set_partition(self, rank, count):
+        with self._lock:
+            self.partition = (rank, count)
+            self._candidates = self._order(self._candidates)
 
 
 class Worker:
@@ -2620,6 +2676,7 @@ class Worker:
         self._wake = threading.Condition(self._lock)
         self._poll_lock = threading.Lock()
         self._quiet_until = 0.0  # monotonic time before which an empty poll is not repeated
+        self._fleet_due = 0.0  # monotonic time of the next look at workers/ (when busy)
         self._stopping = threading.Event()
         self._claimed = 0
         self.completed = 0
@@ -2707,6 +2764,8 @@ class Worker:
                             return None
                         try:
                             found = self._discovery.refill(q.now())
+                            if found > 1 and time.monotonic() >= self._fleet_due:
+                                self._refresh_fleet()
                         except BuquetError as exc:  # S3 unreachable: back off, keep the slots alive
                             _warn("poll failed: %s", exc)
                             found = 0
@@ -2724,15 +2783,34 @@ class Worker:
                 candidate = self._discovery.take()
         return None
 
+    def _refresh_fleet(self):
+        """This worker's rank among the live workers (heartbeats younger
+        than three intervals), so that discovery takes its own share of a
+        backlog first.  One LIST of workers/, at most every FLEET_REFRESH
+        seconds and only when there is a backlog: an idle worker pays
+        nothing for it."""
+        self._fleet_due = time.monotonic() + FLEET_REFRESH
+        lister = getattr(self._queue.store, "list_info", None)
+        if lister is None:
+            return
+        horizon = self._queue.now() - timedelta(seconds=3 * self.heartbeat_interval)
+        entries, _ = lister("workers/", limit=1000)
+        live = {self.worker_id}
+        for key, modified in entries:
+            if key.endswith(".json") and (modified is None or modified >= horizon):
+                live.add(key[len("workers/"):-len(".json")])
+        ranked = sorted(live)
+        self._discovery.set_partition(ranked.index(self.worker_id), len(ranked))
+
     def _try_claim(self, key, task_id, types):
         q = self._queue
         with self._lock:
             if self.max_tasks is not None and self._claimed >= self.max_tasks:
                 return None
             self._claimed += 1
-        task, wait = None, 0.0
+        task, wait, taken = None, 0.0, False
         try:
-            task, wait = q._claim(task_id, self.worker_id, types, key)
+            task, wait, taken = q._claim(task_id, self.worker_id, types, key)
         except BuquetError as exc:
             _warn("claim of %s failed: %s", task_id, exc)
         finally:
@@ -2747,6 +2825,12 @@ class Worker:
                 self._discovery.skip(task_id, _SKIP_TTL)
             else:
                 self._discovery.skip(task_id, min(wait or _BUSY_SKIP, _SKIP_TTL))
+            if taken:
+                # Another worker got there first: the listing is going stale
+                # under us; list again (and look at the fleet again) rather
+                # than read more of it.
+                self._discovery.drop()
+                self._fleet_due = min(self._fleet_due, time.monotonic() + FLEET_RECHECK)
         else:
             # Ours now: sibling slots must not re-read it from a ready key
             # whose deletion is still queued (unskipped when it finishes).
