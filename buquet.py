@@ -61,7 +61,6 @@ import re
 import sys
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -300,6 +299,30 @@ def canonical_json(value):
     return json.dumps(value, ensure_ascii=False)
 
 
+_UUID_RE = re.compile(
+    r"(?:urn:uuid:)?(\{)?([0-9a-fA-F]{8})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{4})-?"
+    r"([0-9a-fA-F]{12})(?(1)\})\Z")
+
+
+def canonical_uuid(text):
+    """The lowercase hyphenated form of a UUID in any form the original
+    reads (hyphenated, 32 hex digits, braced, urn:uuid:, any case);
+    ValueError otherwise.  (The uuid module costs a millisecond to import.)"""
+    m = _UUID_RE.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError("not a UUID: %r" % (text,))
+    return "-".join(m.groups()[1:]).lower()
+
+
+def new_uuid():
+    """A random (version 4) UUID, lowercase hyphenated."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
 def sha256_tag(text):
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -362,7 +385,7 @@ def parse_index_key(key):
     if len(parts) != 4 or parts[0] not in ("ready", "leases"):
         return None
     try:
-        task_id = str(uuid.UUID(parts[3]))
+        task_id = canonical_uuid(parts[3])
     except ValueError:
         return None
     if not parts[2].isdigit():
@@ -394,7 +417,7 @@ def validate_task_document(doc):
         if not isinstance(doc[name], str):
             raise InvalidTaskDocument("field %s must be a string, got %r" % (name, doc[name]))
     try:
-        uuid.UUID(doc["id"])
+        canonical_uuid(doc["id"])
     except ValueError:
         raise InvalidTaskDocument("field id is not a UUID: %r" % (doc["id"],)) from None
     for name in ("timeout_seconds",):
@@ -433,7 +456,7 @@ def validate_task_document(doc):
     for name in ("lease_id",):
         if doc.get(name) is not None:
             try:
-                uuid.UUID(doc[name])
+                canonical_uuid(doc[name])
             except (ValueError, AttributeError, TypeError):
                 raise InvalidTaskDocument("field %s is not a UUID: %r" % (name, doc[name])) from None
     for name in ("worker_id", "last_error", "input_ref", "output_ref", "cancelled_by"):
@@ -841,14 +864,14 @@ class MemoryStore:
             blob = self._objects[key] = Blob(bytes(body), _etag(body))
             self._modified[key] = self._clock()
             if self.versioned:
-                self._history.setdefault(key, []).append((uuid.uuid4().hex, blob.body, self._clock()))
+                self._history.setdefault(key, []).append((new_uuid().replace("-", ""), blob.body, self._clock()))
             return blob.etag
 
     def delete(self, key):
         with self._lock:
             self._count("DELETE")
             if self._objects.pop(key, None) is not None and self.versioned:
-                self._history.setdefault(key, []).append((uuid.uuid4().hex, None, self._clock()))
+                self._history.setdefault(key, []).append((new_uuid().replace("-", ""), None, self._clock()))
 
     def list(self, prefix, *, start_after=None, limit=1000):
         with self._lock:
@@ -1561,7 +1584,7 @@ def _check_name(value, name):
 
 def _task_id(value):
     try:
-        return str(uuid.UUID(str(value)))
+        return canonical_uuid(str(value))
     except ValueError:
         raise ValueError("task id must be a UUID, got %r" % (value,)) from None
 
@@ -1584,7 +1607,7 @@ class Queue:
         self._pool_lock = threading.Lock()
         self._versioned = None
         self._discoveries = {}  # shards -> _Discovery, for claim_next
-        self._claimer_id = "worker-%s" % uuid.uuid4().hex[:8]
+        self._claimer_id = "worker-%s" % new_uuid()[:8]
         self.skipped = {}  # key -> reason, for documents that could not be read
         # Index upkeep after a transition goes through this hook; a worker
         # swaps in a background runner to keep it off the handler's path.
@@ -1786,7 +1809,7 @@ class Queue:
             scope = self._scope(idempotency_scope, task_type)
             _uint(idempotency_ttl_days, "idempotency_ttl_days", 1)
             return self._submit_idempotent(build, task_type, input, idempotency_key, scope, idempotency_ttl_days)
-        doc = build(str(uuid.uuid4()), self.now())
+        doc = build(new_uuid(), self.now())
         return self._create(doc)
 
     @staticmethod
@@ -1821,7 +1844,7 @@ class Queue:
         record_key, key_hash = idempotency_key(scope, key)
         input_hash = sha256_tag(canonical_json(input))
         now = self.now()
-        doc = build(str(uuid.uuid4()), now)
+        doc = build(new_uuid(), now)
 
         def record_for(d, at):
             return dumps({
@@ -2047,7 +2070,7 @@ class Queue:
         available = parse_timestamp(doc["available_at"])
         if now < available:
             return None, (available - now).total_seconds(), False
-        lease = str(uuid.uuid4())
+        lease = new_uuid()
         new_doc = transition(doc, "claim", now, worker_id=worker_id, new_lease_id=lease)
         body = encode_task(new_doc)
         try:
@@ -2644,7 +2667,7 @@ class Worker:
         queue = getattr(queue, "sync", queue)  # an AsyncQueue wraps a Queue
         if not isinstance(queue, Queue):
             raise TypeError("Worker needs a Queue (from buquet.connect()), got %r" % (queue,))
-        self.worker_id = _check_name(worker_id or "worker-%s" % uuid.uuid4().hex[:8], "worker_id")
+        self.worker_id = _check_name(worker_id or "worker-%s" % new_uuid()[:8], "worker_id")
         shards = list(queue.shards if shards is None else shards)
         if not shards:
             raise ValueError("shards must name at least one shard")
@@ -3297,6 +3320,17 @@ def due_run(cron_schedule, after, now):
     due = cron_schedule.next_after(after)
     if due > now:
         return None
+    # After a long downtime, start the walk near `now` (the window doubles
+    # until it holds a due time), so that the latest due time is found in
+    # a few steps: walking from `after` could run out of steps and fire an
+    # earlier run, then another at each following tick.
+    back = timedelta(hours=1)
+    while now - back > due:
+        candidate = cron_schedule.next_after(now - back)
+        if candidate <= now:
+            due = candidate
+            break
+        back *= 2
     for _ in range(_MAX_CATCH_UP_STEPS):
         following = cron_schedule.next_after(due)
         if following > now:
@@ -3317,6 +3351,10 @@ class _Schedules:
         _check_json(input, "input")
         if not isinstance(cron, str):
             raise ValueError("cron must be a cron expression string, got %r" % (cron,))
+        # Validated as it will be stored: a tzinfo is stored by name, and one
+        # without an IANA name (a fixed offset) could never be read back.
+        if timezone is not None and not isinstance(timezone, str):
+            timezone = str(timezone)
         _cron_for(cron, timezone)  # validates both
         if timeout is not None:
             _uint(timeout, "timeout", 1, _U64)
@@ -3326,7 +3364,7 @@ class _Schedules:
         doc = {"id": schedule_id, "task_type": task_type, "input": input, "cron": cron, "enabled": bool(enabled),
                "timeout_seconds": timeout, "max_retries": max_retries, "created_at": ts, "updated_at": ts}
         if timezone is not None:
-            doc["timezone"] = timezone if isinstance(timezone, str) else str(timezone)
+            doc["timezone"] = timezone
         try:
             etag = self.store.put(schedule_key(schedule_id), dumps(doc).encode("utf-8"), if_none_match=True)
         except ConflictError:
@@ -3428,8 +3466,18 @@ class _Schedules:
                     break
                 except (KeyError, ValueError, TypeError):
                     continue
-        if after is None:
-            after = schedule.created_at or now
+        # Due times before the schedule's creation or its last enable/disable
+        # (`updated_at`) never fire: a new schedule waits for its first due
+        # time, and a re-enabled one for its next (not the runs missed while
+        # it was disabled).
+        since = None
+        for name in ("updated_at", "created_at"):
+            try:
+                since = since or getattr(schedule, name)
+            except ValueError:
+                continue  # unreadable: try the other one
+        if after is None or (since is not None and since > after):
+            after = since or now
         due = due_run(schedule.cron_schedule, after, now)
         if due is None:
             return None
@@ -4728,7 +4776,7 @@ def doctor(store, *, race_threads=8, race_rounds=5, samples=10):
     except sigv4.S3Error as exc:
         add("credentials", "FAIL", _one_line(exc))
         return checks
-    prefix = ".doctor-test/%s/" % uuid.uuid4()
+    prefix = ".doctor-test/%s/" % new_uuid()
     try:
         try:
             client.list_objects_v2(bucket, prefix=prefix, max_keys=1)

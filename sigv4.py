@@ -35,18 +35,15 @@ Environment read here: AWS credential variables and files (see
 
 import hashlib
 import hmac
-import http.client
 import os
 import random
 import re
 import socket
-import ssl  # http.client imports it anyway
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 from functools import lru_cache
-from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 __all__ = [
     "CredentialProvider",
@@ -1150,6 +1147,80 @@ def _fetch_instance_credentials(base_url, timeout, attempts, v1_disabled, now, j
 # ============================================================================
 
 
+# -- URLs: the few pieces of urllib.parse this module needs, without the
+# import (cold starts count).
+
+_UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~"
+_QUOTE_TABLES = {}
+
+
+def quote(text, safe="/"):
+    """Percent-encode UTF-8 `text`; RFC 3986 unreserved characters and
+    those in `safe` stay (as urllib.parse.quote)."""
+    keep = _UNRESERVED + safe.encode("ascii")
+    raw = text.encode("utf-8")
+    if not raw.rstrip(keep):
+        return text
+    table = _QUOTE_TABLES.get(keep)
+    if table is None:
+        table = _QUOTE_TABLES[keep] = [chr(b) if b in keep else "%%%02X" % b for b in range(256)]
+    return "".join([table[b] for b in raw])
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def unquote(text):
+    """Decode %XX escapes (as UTF-8, bad bytes replaced); a lone % stays."""
+    if "%" not in text:
+        return text
+    first, *rest = text.encode("utf-8").split(b"%")
+    out = bytearray(first)
+    for part in rest:
+        if len(part) >= 2 and part[0] in _HEX and part[1] in _HEX:
+            out.append(int(part[:2], 16))
+            out += part[2:]
+        else:
+            out += b"%" + part
+    return out.decode("utf-8", "replace")
+
+
+def unquote_plus(text):
+    return unquote(text.replace("+", " "))
+
+
+class _URL:
+    """The parts of an http(s) URL this module uses."""
+
+    __slots__ = ("scheme", "hostname", "port", "path", "query", "username", "password")
+
+    def __init__(self, url):
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            scheme, rest = "", url
+        self.scheme = scheme.lower()
+        rest = rest.split("#", 1)[0]
+        netloc, path_query = rest, ""
+        for i, c in enumerate(rest):
+            if c in "/?":
+                netloc, path_query = rest[:i], rest[i:]
+                break
+        self.path, _, self.query = path_query.partition("?")
+        userinfo, at, hostport = netloc.rpartition("@")
+        self.username = self.password = None
+        if at:
+            self.username, _, self.password = userinfo.partition(":")
+        if hostport.startswith("["):
+            host, _, port = hostport[1:].partition("]")
+            port = port[1:] if port.startswith(":") else ""
+        else:
+            host, _, port = hostport.partition(":")
+        self.hostname = host.lower() or None
+        if port and not port.isdigit():
+            raise ValueError("bad port in URL %r" % (url,))
+        self.port = int(port) if port else None
+
+
 def _sha256_hex(data):
     return hashlib.sha256(data).hexdigest()
 
@@ -1224,7 +1295,7 @@ def canonical_request(method, url, headers, payload_hash, service="s3"):
 
     `headers` is a mapping or a list of (name, value) pairs and must already
     hold every header to sign (host and x-amz-date included)."""
-    parts = urlsplit(url)
+    parts = _URL(url)
     items = headers.items() if hasattr(headers, "items") else headers
     canon_headers, signed = _canonical_headers(items)
     request = "\n".join(
@@ -1290,7 +1361,7 @@ def sign(method, url, headers, payload_hash, credentials, region, service="s3", 
     elif now.tzinfo is None:
         raise ValueError("sign(): now must be an aware datetime, got %r" % (now,))
     amz_date = _amz_date(now)
-    parts = urlsplit(url)
+    parts = _URL(url)
     ours = {"host": _host_header(parts), "x-amz-date": amz_date}
     if service == "s3":
         ours["x-amz-content-sha256"] = payload_hash
@@ -1323,7 +1394,7 @@ def presign(method, url, credentials, region, expires=3600, service="s3", now=No
         raise ValueError("presign(): now must be an aware datetime, got %r" % (now,))
     amz_date = _amz_date(now)
     scope = _scope(amz_date, region, service)
-    parts = urlsplit(url)
+    parts = _URL(url)
     params = [
         ("X-Amz-Algorithm", ALGORITHM),
         ("X-Amz-Credential", "%s/%s" % (credentials.access_key, scope)),
@@ -1335,7 +1406,7 @@ def presign(method, url, credentials, region, expires=3600, service="s3", now=No
         params.append(("X-Amz-Security-Token", credentials.session_token))
     extra = "&".join("%s=%s" % (_uri_encode(k), _uri_encode(v)) for k, v in params)
     query = parts.query + "&" + extra if parts.query else extra
-    signed_url = parts._replace(query=query).geturl()
+    signed_url = url.split("#", 1)[0].split("?", 1)[0] + "?" + query
     canonical, _ = canonical_request(
         method, signed_url, {"host": _host_header(parts)}, UNSIGNED_PAYLOAD, service
     )
@@ -1373,7 +1444,7 @@ class _Endpoint:
             endpoint = "https://s3.%s.%s" % (region, suffix)
         elif "://" not in endpoint:
             endpoint = "https://" + endpoint
-        parts = urlsplit(endpoint)
+        parts = _URL(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("endpoint must be an http:// or https:// URL, got %r" % (endpoint,))
         self.scheme = parts.scheme
@@ -1426,7 +1497,7 @@ class _Proxy:
     __slots__ = ("host", "port", "auth")
 
     def __init__(self, url):
-        parts = urlsplit(url if "://" in url else "http://" + url)
+        parts = _URL(url if "://" in url else "http://" + url)
         if parts.scheme != "http":
             raise ValueError("only http:// proxies are supported, got scheme %r" % (parts.scheme,))
         self.host = parts.hostname
@@ -1502,38 +1573,34 @@ class _Transport:
         return proxy
 
     def _connect(self, scheme, host, port):
-        """An open connection: http.client does the TCP connect, the proxy
-        tunnel and the TLS handshake; the exchanges themselves are ours."""
+        """An open connection: TCP (through a proxy's CONNECT tunnel for
+        https when one is set), TLS for https."""
         proxy = self._proxy_for(scheme, host, port)
-        timeout = self.connect_timeout
-        if scheme == "https":
-            if proxy:
-                conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout, context=self._context())
-                conn.set_tunnel(host, port, headers={"Proxy-Authorization": proxy.auth} if proxy.auth else None)
-            else:
-                conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._context())
-        elif proxy:
-            conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        sock = None
         try:
-            conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            sock = socket.create_connection((proxy.host, proxy.port) if proxy else (host, port),
+                                            self.connect_timeout)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (a test's socket pair): nothing to tune
+            if proxy and scheme == "https":
+                _tunnel(sock, host, port, proxy)
+            if scheme == "https":
+                sock = self._context().wrap_socket(sock, server_hostname=host)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
             raise _NotSent(exc) from exc
-        conn.sock.settimeout(self.read_timeout)
-        try:
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # not TCP (a test's socket pair): nothing to tune
-        return _Connection(conn, conn.sock.makefile("rb"), proxy if scheme == "http" else None)
+        sock.settimeout(self.read_timeout)
+        return _Connection(sock, sock.makefile("rb"), proxy if scheme == "http" else None)
 
     def send(self, method, url, headers, body):
         """One HTTP/1.1 exchange.  Returns (status, headers, body, reused)
         with lowercase header names.  Raises _NotSent when no connection
         could be opened, OSError / HTTPException when the exchange broke
         after the request may have been sent."""
-        parts = urlsplit(url)
+        parts = _URL(url)
         scheme = parts.scheme
         port = parts.port or (443 if scheme == "https" else 80)
         key = (scheme, parts.hostname, port)
@@ -1577,11 +1644,10 @@ class _Transport:
 
 
 class _Connection:
-    __slots__ = ("conn", "sock", "rfile", "http_proxy")
+    __slots__ = ("sock", "rfile", "http_proxy")
 
-    def __init__(self, conn, rfile, http_proxy):
-        self.conn = conn  # kept for the socket's lifetime (TLS wrapping)
-        self.sock = conn.sock
+    def __init__(self, sock, rfile, http_proxy):
+        self.sock = sock
         self.rfile = rfile
         self.http_proxy = http_proxy
 
@@ -1589,7 +1655,32 @@ class _Connection:
         try:
             self.rfile.close()
         finally:
-            self.conn.close()
+            self.sock.close()
+
+
+class _BadReply(OSError):
+    """A reply that broke off or was not HTTP (a broken exchange, retried)."""
+
+
+class _Disconnected(_BadReply):
+    """The connection closed before any reply: on a kept-alive connection,
+    the server had closed it while idle."""
+
+
+def _tunnel(sock, host, port, proxy):
+    """Open a CONNECT tunnel through an http:// proxy."""
+    head = "CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n" % (host, port, host, port)
+    if proxy.auth:
+        head += "Proxy-Authorization: %s\r\n" % proxy.auth
+    sock.sendall((head + "\r\n").encode("latin-1"))
+    rfile = sock.makefile("rb")
+    try:
+        status, _, _, _ = _read_response(rfile, "CONNECT")
+    finally:
+        rfile.close()  # nothing follows until our TLS handshake: no bytes lost
+    if not 200 <= status < 300:
+        raise _BadReply("proxy %s:%d refused the tunnel to %s:%d: HTTP %d" % (
+            proxy.host, proxy.port, host, port, status))
 
 
 _MAX_LINE = 65536
@@ -1599,7 +1690,7 @@ _MAX_HEADERS = 200
 def _readline(rfile):
     line = rfile.readline(_MAX_LINE + 1)
     if len(line) > _MAX_LINE:
-        raise http.client.LineTooLong("header line")
+        raise _BadReply("header line longer than %d bytes" % _MAX_LINE)
     return line
 
 
@@ -1612,12 +1703,12 @@ def _read_response(rfile, method):
     while True:
         line = _readline(rfile)
         if not line:
-            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+            raise _Disconnected("the connection closed without a reply")
         parts = line.decode("latin-1").split(None, 2)
         version = parts[0] if parts else ""
         status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
         if not version.startswith("HTTP/") or not 100 <= status <= 999:
-            raise http.client.BadStatusLine(repr(line[:80]))
+            raise _BadReply("not an HTTP status line: %r" % (line[:80],))
         headers = {}
         for _ in range(_MAX_HEADERS + 1):
             hline = _readline(rfile)
@@ -1630,13 +1721,13 @@ def _read_response(rfile, method):
             value = value.strip()
             headers[name] = headers[name] + ", " + value if name in headers else value
         else:
-            raise http.client.HTTPException("more than %d headers" % _MAX_HEADERS)
+            raise _BadReply("more than %d headers" % _MAX_HEADERS)
         if 100 <= status < 200 and status != 101:
             continue  # 100 Continue and friends: the real reply follows
         break
     connection = headers.get("connection", "").lower()
     will_close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-    if method == "HEAD" or status in (204, 304):
+    if method == "HEAD" or status in (204, 304) or (method == "CONNECT" and 200 <= status < 300):
         return status, headers, b"", will_close
     if "chunked" in headers.get("transfer-encoding", "").lower():
         chunks = []
@@ -1645,14 +1736,14 @@ def _read_response(rfile, method):
             try:
                 size = int(size_line, 16)
             except ValueError:
-                raise http.client.IncompleteRead(b"".join(chunks)) from None
+                raise _BadReply("bad chunk size %r" % (size_line[:20],)) from None
             if size == 0:
                 while _readline(rfile) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
                 return status, headers, b"".join(chunks), will_close
             chunk = rfile.read(size)
             if len(chunk) < size:
-                raise http.client.IncompleteRead(b"".join(chunks) + chunk, size - len(chunk))
+                raise _BadReply("chunked body cut short (%d bytes missing)" % (size - len(chunk)))
             chunks.append(chunk)
             rfile.read(2)  # the CRLF after each chunk
     length = headers.get("content-length")
@@ -1660,10 +1751,10 @@ def _read_response(rfile, method):
         try:
             n = int(length)
         except ValueError:
-            raise http.client.HTTPException("bad Content-Length %r" % length) from None
+            raise _BadReply("bad Content-Length %r" % (length,)) from None
         data = rfile.read(n) if n > 0 else b""
         if len(data) < n:
-            raise http.client.IncompleteRead(data, n - len(data))
+            raise _BadReply("body cut short: %d of %d bytes" % (len(data), n))
         return status, headers, data, will_close
     return status, headers, rfile.read(), True  # delimited by the connection closing
 
@@ -1673,16 +1764,24 @@ def _read_response(rfile, method):
 # ============================================================================
 
 
+_MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+                                         "Nov", "Dec"), 1)}
+
+
 def _parse_http_date(value):
+    """An HTTP date (IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`, which
+    S3 sends) -> aware UTC datetime; None when absent or in another form."""
     if not value:
         return None
+    parts = value.split()
     try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if len(parts) != 6 or parts[5] not in ("GMT", "UTC"):
+            return None
+        hh, mm, ss = parts[4].split(":")
+        return datetime(int(parts[3]), _MONTHS[parts[2]], int(parts[1]), int(hh), int(mm), int(ss),
+                        tzinfo=timezone.utc)
+    except (ValueError, KeyError):
         return None
-    if parsed is None or parsed.tzinfo is None:
-        return None
-    return parsed.astimezone(timezone.utc)
 
 
 def _parse_timestamp(value):
@@ -2041,17 +2140,18 @@ class S3Client:
                 status, rheaders, rbody, reused = self._transport.send(method, url, signed, body or None)
             except _NotSent as exc:
                 last_exc = exc.__cause__ or exc
-                if isinstance(last_exc, ssl.SSLCertVerificationError):
+                ssl = sys.modules.get("ssl")  # imported only when TLS is in use
+                if ssl is not None and isinstance(last_exc, ssl.SSLCertVerificationError):
                     # Another attempt cannot fix a certificate: say so now.
                     raise TransportError(
                         "TLS certificate verification failed: %s (set AWS_CA_BUNDLE or ca_bundle for a private CA)"
                         % _describe(last_exc), code="SSLCertVerificationError", method=method, bucket=bucket,
                         key=key) from last_exc
-            except (OSError, http.client.HTTPException) as exc:
+            except OSError as exc:
                 last_exc = exc
                 may_have_applied = True
                 if free_retry and getattr(exc, "buquet_reused", False) and isinstance(
-                        exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                        exc, (_Disconnected, ConnectionResetError, BrokenPipeError)):
                     # A kept-alive connection the server had already closed:
                     # try once more at once on a fresh one.
                     free_retry = False
