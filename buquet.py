@@ -770,6 +770,8 @@ def index_keys(doc):
 #       that may or may not have been applied raises UncertainWrite.
 #   delete(key) -> None
 #       Unconditional; deleting a missing key is not an error.
+#   delete_many(keys) -> None
+#       The same for many keys, in as few requests as the store allows.
 #   list(prefix, *, start_after=None, limit=1000) -> ([keys], truncated)
 #       Keys under prefix, after start_after, ascending UTF-8 byte order.
 #       start_after is a key, or a "directory" ending in "/": SeaweedFS reads
@@ -881,6 +883,10 @@ class MemoryStore:
                 key=lambda k: k.encode("utf-8"),
             )
             return keys[:limit], len(keys) > limit
+
+    def delete_many(self, keys):
+        for key in keys:
+            self.delete(key)
 
     def list_info(self, prefix, *, start_after=None, limit=1000):
         keys, truncated = self.list(prefix, start_after=start_after, limit=limit)
@@ -1086,6 +1092,10 @@ class LocalStore:
         except OSError as exc:
             raise self._error("cannot list", exc, prefix) from None
         return keys, False
+
+    def delete_many(self, keys):
+        for key in keys:
+            self.delete(key)
 
     def list_info(self, prefix, *, start_after=None, limit=1000):
         keys, truncated = self.list(prefix, start_after=start_after, limit=limit)
@@ -1386,6 +1396,7 @@ class S3Store:
         self._sigv4 = sigv4
         self.bucket = bucket
         self.clock = _ServerClock()
+        self._batch_delete = True
         if client is None:
             client = sigv4.S3Client(endpoint=endpoint, region=region, profile=profile, credentials=credentials,
                                     **client_options)
@@ -1454,6 +1465,23 @@ class S3Store:
                     return keys, page.is_truncated
         except self._sigv4.S3Error as exc:
             raise self._wrap(exc) from None
+
+    def delete_many(self, keys):
+        """DeleteObjects, 1000 keys a request; one DELETE each where the
+        provider lacks it (learnt once)."""
+        keys = list(keys)
+        if self._batch_delete:
+            try:
+                for i in range(0, len(keys), 1000):
+                    for key, code, message in self.client.delete_objects(self.bucket, keys[i:i + 1000]):
+                        _warn("delete of %s failed: %s %s", key, code, message)
+                return
+            except self._sigv4.S3Error as exc:
+                if exc.status not in (400, 405, 501):
+                    raise self._wrap(exc) from None
+                self._batch_delete = False  # not offered here: one by one from now on
+        for key in keys:
+            self.delete(key)
 
     def list_info(self, prefix, *, start_after=None, limit=1000):
         try:
@@ -1671,6 +1699,17 @@ class Queue:
                 self.store.delete(key)
             except BuquetError as exc:
                 _warn("index delete %s failed: %s", key, exc)
+
+    def _delete_index_keys(self, keys):
+        """Best-effort deletes of index keys, batched where the store can."""
+        many = getattr(self.store, "delete_many", None)
+        if many is None or len(keys) == 1:
+            self._index_now([], keys)
+            return
+        try:
+            many(keys)
+        except BuquetError as exc:
+            _warn("index deletes failed (%d keys): %s", len(keys), exc)
 
     def _reindex(self, old_doc, new_doc, also_delete=()):
         old = set(index_keys(old_doc)) if old_doc else set()
@@ -2475,6 +2514,9 @@ GRACE_PERIOD = 30.0  # seconds running handlers get to finish on shutdown
 CONCURRENCY = 8
 _SKIP_TTL = 60.0  # seconds an id known not to be ours / not claimable is skipped
 FLEET_REFRESH = 30.0  # seconds between looks at workers/ while there is a backlog
+# Stale index keys wait this long to be deleted together: a stale key costs
+# at most a wasted GET, and a batch of deletes is one request.
+INDEX_LINGER = 0.1
 FLEET_RECHECK = 1.0  # ... or this soon after another worker took a task we listed
 # An id held by a worker (or whose race we lost) is skipped only briefly:
 # its holder may put it back (retry, requeue on shutdown) at any moment, and
@@ -2952,9 +2994,15 @@ class Worker:
                     if self._index_stop:
                         return
                     self._index_cond.wait()
-                deletes = self._index_jobs.pop(0)
+                if not self._index_stop:
+                    # Let a busy worker's deletes gather: one DeleteObjects
+                    # request then removes many stale keys at once.
+                    self._index_cond.wait(INDEX_LINGER)
+                deletes = list(dict.fromkeys(k for job in self._index_jobs for k in job))
+                self._index_jobs = []
                 self._index_busy = set(deletes)
-            self._queue._index_now([], deletes)
+            if deletes:
+                self._queue._delete_index_keys(deletes)
             with self._index_cond:
                 self._index_busy = set()
                 self._index_cond.notify_all()

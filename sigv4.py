@@ -2241,6 +2241,25 @@ class S3Client:
         params = [("versionId", version_id)] if version_id else ()
         return self._request("DELETE", bucket, key, params=params, headers=headers, ok=(200, 204))
 
+    def delete_objects(self, bucket, keys):
+        """DeleteObjects: up to 1000 keys in one request (quiet mode).
+        Returns the keys that could not be deleted as [(key, code, message)]."""
+        keys = list(keys)
+        if not keys:
+            return []
+        if len(keys) > 1000:
+            raise ValueError("delete_objects(): at most 1000 keys per request, got %d" % len(keys))
+        import base64
+        from xml.sax.saxutils import escape
+
+        body = ('<Delete xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Quiet>true</Quiet>%s</Delete>' % "".join(
+            "<Object><Key>%s</Key></Object>" % escape(k) for k in keys)).encode("utf-8")
+        headers = {"content-md5": base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii"),
+                   "content-type": "application/xml"}
+        resp = self._request("POST", bucket, params=[("delete", None)], headers=headers, body=body)
+        root = _xml_root(resp.body)
+        return [(e.findtext("Key"), e.findtext("Code"), e.findtext("Message")) for e in root.iter("Error")]
+
     # -- listing --------------------------------------------------------------
 
     def list_objects_v2(self, bucket, *, prefix="", start_after=None, continuation_token=None,

@@ -1239,3 +1239,41 @@ def test_a_garbage_status_line_is_a_broken_exchange(stand_in):
 
     assert c.get_object("bucket", "k").body == b"fine"
     assert len(stand_in.requests) == 2
+
+
+def test_delete_objects_removes_many_keys_in_one_request_and_reports_none_missing(s3, client):
+    keys = ["batch/%d & <odd> 'key'" % i for i in range(30)]
+    for key in keys:
+        client.put_object(s3.bucket, key, b"x")
+    client.put_object(s3.bucket, "batch-keep", b"x")
+
+    errors = client.delete_objects(s3.bucket, keys + ["batch/never-existed"])
+
+    assert errors == []
+    assert client.list_objects_v2(s3.bucket, prefix="batch").keys == ["batch-keep"]
+
+
+def test_delete_objects_refuses_more_than_a_thousand_keys_before_any_request(stand_in):
+    c = _stand_in_client(stand_in)
+
+    with pytest.raises(ValueError) as info:
+        c.delete_objects("bucket", ["k%d" % i for i in range(1001)])
+
+    assert str(info.value) == "delete_objects(): at most 1000 keys per request, got 1001"
+    assert stand_in.requests == []
+
+
+def test_delete_objects_sends_a_content_md5_and_reports_per_key_errors(stand_in):
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            b"<Error><Key>b</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error></DeleteResult>")
+    stand_in.then(reply(200, body))
+    c = _stand_in_client(stand_in)
+
+    errors = c.delete_objects("bucket", ["a", "b"])
+
+    request = stand_in.requests[0]
+    assert (request.method, request.path) == ("POST", "/bucket?delete")
+    expected_md5 = base64.b64encode(hashlib.md5(request.body).digest()).decode()
+    assert request.headers["content-md5"] == expected_md5
+    assert b"<Key>a</Key>" in request.body and b"<Quiet>true</Quiet>" in request.body
+    assert errors == [("b", "AccessDenied", "Access Denied")]

@@ -709,3 +709,11 @@ def test_a_writer_killed_mid_write_leaves_the_old_or_the_new_body_never_a_mix(tm
     for i in range(4):
         assert store.get("big/%d" % i).body in bodies
         store.put("big/%d" % i, b"written after the crash", if_match=store.get("big/%d" % i).etag)
+
+
+def test_delete_many_removes_every_key_given_and_tolerates_missing_ones(store):
+    put_all(store, ["ready/0/1/a", "ready/0/1/b", "ready/1/2/c", "keep"])
+
+    store.delete_many(["ready/0/1/a", "ready/0/1/b", "ready/1/2/c", "ready/9/9/never"])
+
+    assert store.list("") == (["keep"], False)
