@@ -4197,6 +4197,7 @@ def _parser():
     c.add_argument("--limit", type=int, help="stop after this many changes")
     c = cmd("sweep", "repair the ready and lease indexes (one full pass)")
     c = cmd("doctor", "check that a bucket can safely run the queue")
+    _add_serve_parser(sub)  # defined with the dashboard, below
     c = cmd("demo", "submit demo tasks and run a worker on them, showing progress", json_flag=False)
     c.add_argument("--tasks", type=int, default=24, help="how many (24)")
     c.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (60)")
@@ -4976,6 +4977,1511 @@ def _cmd_doctor(args, out):
             out.write("verdict: this bucket can run the queue\n")
     _emit(args, out, data, human)
     return EXIT_UNSAFE if unsafe else EXIT_OK
+
+
+# ============================================================================
+# Dashboard: `buquet serve`, a web view of the queue on http.server
+# ============================================================================
+#
+# No framework, no build step: pages are rendered here as HTML strings, one
+# same-origin script (/static/dashboard.js) refreshes parts of them from the
+# JSON twin of each page, and one stylesheet styles them.
+#
+#   GET  /                          overview: backlog, tasks per shard, workers,
+#                                   schedules, completions/failures per minute
+#   GET  /tasks?shard=&status=&type=&after=
+#                                   task list, one page of 50 documents
+#   GET  /tasks/{id}                task detail and its history as a timeline
+#   GET  /api/overview  /api/chart  /api/tasks?...  /api/tasks/{id}
+#                                   the same as JSON: {"parts": {element id:
+#                                   HTML}, "data": ..., "requests": ...}
+#   GET  /static/dashboard.js  /static/dashboard.css
+#   POST /tasks/{id}/cancel|replay|archive   /schedules/{id}/trigger
+#                                   only with --allow-actions
+#
+# S3 costs money per request, so every response counts the requests made
+# while serving it (a counting view of the store per HTTP request) and the
+# page shows the number.  Each view is bounded:
+#   overview   LIST ready/ and LIST leases/ (1 per 1,000 keys, at most
+#              _INDEX_PAGES each), LIST workers/ + a GET per heartbeat (at most
+#              _MAX_WORKERS), LIST schedules/ + a GET per schedule (at most
+#              _MAX_SCHEDULES), 1 GET of the oldest ready task;
+#   chart      LIST tasks/ with last-modified times (at most _CHART_PAGES), a
+#              GET per document changed in the last hour (at most
+#              _CHART_READS; finished ones are cached, so a refresh re-reads
+#              only what changed); refreshed every 30 s, the rest every 5 s;
+#   task list  1 LIST of _PAGE_SIZE keys + a GET per key of that page, every
+#              10 s (filters apply to the page read: the cost never grows);
+#   task       1 GET (+1 per offloaded payload), and with versioning 1 LIST of
+#              versions + a GET per version not yet seen (versions never
+#              change; at most _MAX_VERSIONS).
+#
+# Security: the server binds loopback by default and accepts only loopback
+# Host names there (a DNS-rebinding page cannot read it).  GETs never change
+# anything.  Actions need --allow-actions, a POST, the per-process token
+# embedded in the pages (compared with hmac.compare_digest) and an Origin (or
+# Referer) naming this server, so neither a link nor another site's form can
+# trigger them.  Pages send Referrer-Policy: no-referrer, under which browsers
+# send `Origin: null` with a plain form POST; the page's script therefore
+# posts actions with fetch(), which sends the real Origin.  Everything from
+# the bucket is HTML-escaped; the Content-Security-Policy allows no inline
+# script or style.
+
+_PAGE_SIZE = 50  # task list: documents read per page (one GET each)
+_INDEX_PAGES = 10  # ready/ and leases/: 10,000 keys each before the counts say "at least"
+_MAX_WORKERS = 50  # heartbeats read per refresh; a bigger fleet is summarised
+_MAX_SCHEDULES = 50
+_CHART_PAGES = 5  # the chart looks at the first 5,000 task documents; pick a shard for more
+_CHART_READS = 200  # documents changed in the last hour read per chart refresh
+_MAX_VERSIONS = 25  # a timeline shows the newest 25 versions
+_REFRESH = 5.0  # seconds between refreshes of a page; the chart: 6x that
+_ALIVE = 90  # a heartbeat older than this (3 missed 30 s beats) is stale
+_MAX_SHOWN = 64 * 1024  # characters of an input, output or error shown on a page
+_MAX_POST = 4096  # bytes of a form body; an action needs a token and nothing else
+_CACHE_SIZE = 5000  # documents kept for the chart and timelines
+
+_SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+)
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_CANCELLABLE = ("pending", "running")
+_REPLAYABLE = ("failed", "cancelled", "expired", "completed")
+_ARCHIVABLE = ("completed", "failed", "cancelled", "expired")
+
+
+class _HTTPError(Exception):
+    """A response other than 200, with a message for the person reading it."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+
+# -- counting and caching -------------------------------------------------------
+
+
+class _CountingStore:
+    """A store seen through one HTTP request: every call is forwarded and
+    counted by S3 operation.  The dashboard asks for at most 1,000 keys per
+    listing, so each call is one S3 request."""
+
+    _OPERATIONS = {"get": "GET", "get_version": "GET", "versioning": "GET", "put": "PUT", "delete": "DELETE",
+                   "list": "LIST", "list_info": "LIST", "versions": "LIST", "list_etags": "LIST"}
+
+    def __init__(self, store):
+        self._store = store
+        self._lock = threading.Lock()
+        self.counts = {}
+
+    def __repr__(self):
+        return repr(self._store)
+
+    def __getattr__(self, name):
+        attr = getattr(self._store, name)
+        op = self._OPERATIONS.get(name)
+        if op is None or not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):
+            with self._lock:
+                self.counts[op] = self.counts.get(op, 0) + 1
+            return attr(*args, **kwargs)
+        return counted
+
+    @property
+    def total(self):
+        with self._lock:
+            return sum(self.counts.values())
+
+
+class _Cache:
+    """A small bounded mapping shared by the request threads (oldest out)."""
+
+    def __init__(self, size=_CACHE_SIZE):
+        from collections import OrderedDict
+
+        self._items = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key, value):
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+class _Dashboard:
+    """What the request threads share: the queue, the token, the caches."""
+
+    def __init__(self, queue, *, allow_actions=False, refresh=_REFRESH, log=None, debug=False):
+        import secrets
+
+        self.queue = getattr(queue, "sync", queue)  # an AsyncQueue serves too
+        self.allow_actions = bool(allow_actions)
+        self.token = secrets.token_urlsafe(32)
+        self.refresh = float(refresh)
+        self.log = log if log is not None else sys.stderr
+        self.debug = debug
+        self.cache = _Cache()
+        self.hits = {}  # path -> requests served, for tests and curiosity
+        self._lock = threading.Lock()
+        self._versioned = None
+        self._pool = None
+        self.loopback_only = True  # set by make_server from the bound address
+
+    def executor(self):
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(8, thread_name_prefix="buquet-serve")
+            return self._pool
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def request_queue(self, store):
+        """A Queue over a request's counting store, sharing the thread pool
+        and what is known of versioning."""
+        queue = Queue(store, shard_prefix_len=self.queue.shard_prefix_len)
+        queue._pool = self.executor()
+        queue._versioned = self._versioned
+        return queue
+
+    def versioned(self, queue):
+        if self._versioned is None:
+            self._versioned = queue.versioning()  # one GET bucket versioning, once per process
+        return self._versioned
+
+    def count_hit(self, path):
+        with self._lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+
+    def write_log(self, line):
+        try:
+            self.log.write(line + "\n")
+            self.log.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not take the server down
+
+
+class _Request:
+    """One HTTP request's view of the queue: its own counting store."""
+
+    def __init__(self, dashboard):
+        self.dashboard = dashboard
+        self.store = _CountingStore(dashboard.queue.store)
+        self.queue = dashboard.request_queue(self.store)
+        self._now = None
+
+    def now(self):
+        if self._now is None:
+            self._now = self.queue.now()
+        return self._now
+
+    def cost(self):
+        counts = dict(self.store.counts)
+        return {"total": sum(counts.values()), "by_operation": counts}
+
+
+# -- HTML helpers ----------------------------------------------------------------------
+
+
+def _e(value):
+    """HTML-escaped text (quotes too: safe in attributes); None shows as -."""
+    import html  # imported here, like every module only `buquet serve` needs
+
+    return html.escape("-" if value is None else str(value), quote=True)
+
+
+def _u(value):
+    """A URL path segment."""
+    from urllib.parse import quote
+
+    return quote(str(value), safe="")
+
+
+def _href(path, **params):
+    from urllib.parse import urlencode
+
+    query = urlencode([(k, v) for k, v in params.items() if v not in (None, "")])
+    return path + ("?" + query if query else "")
+
+
+def _script_json(value):
+    """JSON to embed in <script type="application/json">: no `<`, `>` or `&`
+    survives, so `</script>` or `<!--` in the data cannot end the element."""
+    text = json.dumps(value, ensure_ascii=False)
+    return (text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _ago(seconds):
+    if seconds is None:
+        return "?"
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm %02ds" % (seconds // 60, seconds % 60)
+    if seconds < 86400:
+        return "%dh %02dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dd %02dh" % (seconds // 86400, seconds % 86400 // 3600)
+
+
+def _time(value, now=None):
+    """A timestamp for people: local time and UTC, and how long ago."""
+    if not value:
+        return "-"
+    try:
+        dt = parse_timestamp(value) if isinstance(value, str) else value
+    except ValueError:
+        return _e(value)
+    text = '<time datetime="%s">%s</time>' % (_e(format_timestamp(dt)), _e(_when(dt)))
+    if now is not None:
+        delta = (now - dt).total_seconds()
+        text += ' <span class="muted">(%s)</span>' % (
+            "%s ago" % _ago(delta) if delta >= 0 else "in %s" % _ago(-delta))
+    return text
+
+
+def _badge(status):
+    status = status or "pending"
+    known = status if status in STATUSES or status in ("alive", "stale", "enabled", "disabled") else "unknown"
+    return '<span class="badge s-%s">%s</span>' % (known, _e(status))
+
+
+def _pre(value, text=False):
+    """A JSON value pretty-printed (or, with text=True, a string as it is),
+    escaped, cut at _MAX_SHOWN characters."""
+    text = str(value) if text else json.dumps(value, indent=2, ensure_ascii=False)
+    note = ""
+    if len(text) > _MAX_SHOWN:
+        note = '<p class="muted">showing the first %d of %d characters</p>' % (_MAX_SHOWN, len(text))
+        text = text[:_MAX_SHOWN]
+    return "<pre>%s</pre>%s" % (_e(text), note)
+
+
+def _short(text, n=90):
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 1] + "\u2026"
+
+
+def _html_table(headers, rows, cls=""):
+    head = "".join("<th>%s</th>" % h for h in headers)
+    body = "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % c for c in row) for row in rows)
+    return '<table class="%s"><thead><tr>%s</tr></thead><tbody>%s</tbody></table>' % (cls, head, body)
+
+
+def _task_link(task_id, text=None):
+    return '<a class="id" href="/tasks/%s">%s</a>' % (_u(task_id), _e(text or task_id))
+
+
+def _action_form(dashboard, path, label, cls=""):
+    # Posted by the page's script (fetch sends the Origin); the token is the
+    # proof that the request comes from a page this server rendered.
+    return ('<form class="action" method="post" action="%s"><input type="hidden" name="token" value="%s">'
+            '<button type="submit" class="%s">%s</button></form>' % (_e(path), _e(dashboard.token), cls, _e(label)))
+
+
+# -- views: each returns a _View; the page and its JSON twin are built from it --
+
+
+class _View:
+    """A page: its title, its sections (element id, heading, HTML), the data
+    behind it, and what the script should poll."""
+
+    def __init__(self, title, sections, data, poll, bound, nav, layout="", static=()):
+        self.layout = layout
+        self.static = static  # sections the refresh leaves alone (a form being filled in)
+        self.title = title
+        self.sections = sections
+        self.data = data
+        self.poll = poll
+        self.bound = bound
+        self.nav = nav
+
+
+def _list_all(store, prefix, max_pages):
+    """Keys under prefix, at most max_pages LISTs of 1,000.  Returns (keys,
+    complete)."""
+    keys, start = [], None
+    for _ in range(max_pages):
+        page, truncated = store.list(prefix, start_after=start, limit=1000)
+        keys.extend(page)
+        if not truncated or not page:
+            return keys, True
+        start = page[-1]
+    return keys, False
+
+
+def _overview_data(r):
+    q, store, now = r.queue, r.store, r.now()
+    now_bucket = minute_bucket(now)
+    per_shard = {s: {"ready": 0, "scheduled": 0, "running": 0} for s in q.shards}
+    oldest = None
+    ready_keys, ready_complete = _list_all(store, "ready/", _INDEX_PAGES)
+    for key in ready_keys:
+        parsed = parse_index_key(key)
+        if parsed is None or parsed[0] not in per_shard:
+            continue
+        due = parsed[1] <= now_bucket
+        per_shard[parsed[0]]["ready" if due else "scheduled"] += 1
+        if due and (oldest is None or parsed[1] < oldest[0]):
+            oldest = (parsed[1], parsed[2])
+    lease_keys, leases_complete = _list_all(store, "leases/", _INDEX_PAGES)
+    for key in lease_keys:
+        parsed = parse_index_key(key)
+        if parsed is not None and parsed[0] in per_shard:
+            per_shard[parsed[0]]["running"] += 1
+    oldest_ready = None
+    if oldest is not None:
+        # The index gives the minute; the document gives the second (1 GET).
+        task, _ = q._read(q._key_for(oldest[1]))
+        if task is not None and task.doc.get("status", "pending") == "pending":
+            age = (now - parse_timestamp(task.doc["available_at"])).total_seconds()
+        else:
+            age = (now - _EPOCH).total_seconds() - int(oldest[0]) * 60
+        oldest_ready = {"task_id": oldest[1], "age_seconds": max(0.0, age)}
+    totals = {k: sum(c[k] for c in per_shard.values()) for k in ("ready", "scheduled", "running")}
+
+    worker_keys, _ = store.list("workers/", limit=1000)
+    worker_keys = [k for k in worker_keys if k.endswith(".json")]
+
+    def read_json(key):
+        blob = store.get(key)
+        if blob is None:
+            return None
+        try:
+            return json.loads(blob.body)
+        except ValueError:
+            return None
+    workers = []
+    for doc in q._map(read_json, worker_keys[:_MAX_WORKERS]):
+        if not isinstance(doc, dict) or "last_heartbeat" not in doc:
+            continue
+        try:
+            age = (now - parse_timestamp(doc["last_heartbeat"])).total_seconds()
+        except (ValueError, TypeError):
+            age = None
+        workers.append({
+            "worker_id": doc.get("worker_id"), "last_heartbeat": doc.get("last_heartbeat"), "age_seconds": age,
+            "alive": age is not None and age < _ALIVE, "current_task": doc.get("current_task"),
+            "running_tasks": doc.get("running_tasks"), "shards": doc.get("shards"),
+            "tasks_completed": doc.get("tasks_completed"), "tasks_failed": doc.get("tasks_failed")})
+
+    schedule_keys, _ = store.list("schedules/", limit=1000)
+    schedule_keys = [k for k in schedule_keys if k.lower().endswith(".json") and not k.endswith("/last_run.json")]
+    schedules = []
+    for key, blob in zip(schedule_keys, q._map(store.get, schedule_keys[:_MAX_SCHEDULES])):
+        if blob is None:
+            continue
+        try:
+            schedule = _decode_schedule(blob.body, blob.etag)
+        except ScheduleError as exc:
+            schedules.append({"id": key[len("schedules/"):-len(".json")], "error": str(exc)})
+            continue
+        entry = {"id": schedule.doc["id"], "task_type": schedule.doc["task_type"], "cron": schedule.doc["cron"],
+                 "timezone": schedule.doc.get("timezone"), "enabled": schedule.enabled, "next_runs": []}
+        try:
+            entry["next_runs"] = [format_timestamp(t) for t in schedule.next_runs(now, 3)]
+        except (ScheduleError, ValueError) as exc:
+            entry["error"] = str(exc)
+        schedules.append(entry)
+    return {
+        "now": format_timestamp(now), "totals": totals, "shards": per_shard, "oldest_ready": oldest_ready,
+        "complete": {"ready": ready_complete, "leases": leases_complete},
+        "workers": workers, "workers_registered": len(worker_keys),
+        "workers_alive": sum(1 for w in workers if w["alive"]),
+        "schedules": schedules, "schedules_registered": len(schedule_keys), "shard_count": len(q.shards),
+    }
+
+
+def _render_backlog(data):
+    at_least = "" if all(data["complete"].values()) else "\u2265 "
+    oldest = data["oldest_ready"]
+    cards = [
+        ("Ready now", at_least + str(data["totals"]["ready"]), _href("/tasks", status="pending")),
+        ("Scheduled later", at_least + str(data["totals"]["scheduled"]), None),
+        ("Running", at_least + str(data["totals"]["running"]), _href("/tasks", status="running")),
+        ("Oldest ready task waits", _ago(oldest["age_seconds"]) if oldest else "none",
+         "/tasks/%s" % _u(oldest["task_id"]) if oldest else None),
+        ("Workers alive", "%d of %d" % (data["workers_alive"], data["workers_registered"]), None),
+    ]
+    out = []
+    for label, value, link in cards:
+        value_html = '<a href="%s">%s</a>' % (_e(link), _e(value)) if link else _e(value)
+        out.append('<div class="card"><div class="value">%s</div><div class="label">%s</div></div>'
+                   % (value_html, _e(label)))
+    note = ""
+    if at_least:
+        note = ('<p class="muted">The indexes hold more than %d keys: counts stop there to bound the cost.</p>'
+                % (_INDEX_PAGES * 1000))
+    return '<div class="cards">%s</div>%s' % ("".join(out), note)
+
+
+def _render_shards(data):
+    """Shards across, counts down: 16 shards fit a screen's width."""
+    shards = data["shards"]
+    shown = [s for s in sorted(shards) if len(shards) <= 16 or any(shards[s].values())]
+
+    def cell(shard, n, status):
+        if not n:
+            return '<span class="muted">0</span>'
+        if status is None:
+            return str(n)
+        return '<a href="%s">%d</a>' % (_e(_href("/tasks", shard=shard, status=status)), n)
+    head = ["Shard"] + ['<a href="%s">%s</a>' % (_e(_href("/tasks", shard=s)), _e(s)) for s in shown] + ["Total"]
+    rows = []
+    for label, key, status in (("Ready", "ready", "pending"), ("Scheduled", "scheduled", None),
+                               ("Running", "running", "running")):
+        rows.append([label] + [cell(s, shards[s][key], status) for s in shown] +
+                    ["<strong>%d</strong>" % data["totals"][key]])
+    note = ('<p class="muted">From the ready/ and leases/ indexes (hints the task documents overrule; '
+            '<code>buquet sweep</code> repairs them). Finished tasks are not indexed: open a shard to see them.</p>')
+    return '<div class="scroll">%s</div>%s' % (_html_table(head, rows, "numeric"), note)
+
+
+def _render_workers(data, now):
+    if not data["workers"]:
+        return '<p class="muted">No worker has sent a heartbeat (workers/ is empty).</p>'
+    rows = []
+    for w in data["workers"]:
+        current = w.get("current_task")
+        try:
+            current_html = _task_link(_task_id(current)) if current else '<span class="muted">idle</span>'
+        except ValueError:
+            current_html = _e(current)
+        running = w.get("running_tasks")
+        if isinstance(running, list) and len(running) > 1:
+            current_html += ' <span class="muted">+%d more</span>' % (len(running) - 1)
+        shards = w.get("shards")
+        shards_text = ("all" if isinstance(shards, list) and len(shards) >= data["shard_count"] else
+                       ",".join(str(s) for s in shards) if isinstance(shards, list) else shards)
+        rows.append([_e(w["worker_id"]), _badge("alive" if w["alive"] else "stale"),
+                     "%s ago" % _ago(w["age_seconds"]) if w["age_seconds"] is not None else "?",
+                     _e(shards_text), current_html, _e(w.get("tasks_completed")), _e(w.get("tasks_failed"))])
+    more = data["workers_registered"] - len(data["workers"])
+    note = ('<p class="muted">%d more heartbeat files not read (at most %d per refresh).</p>'
+            % (more, _MAX_WORKERS)) if more > 0 else ""
+    return _html_table(["Worker", "State", "Last heartbeat", "Shards", "Current task", "Done", "Failed"], rows) + note
+
+
+def _render_schedules(dashboard, data):
+    if not data["schedules"]:
+        return '<p class="muted">No schedules.</p>'
+    rows = []
+    for s in data["schedules"]:
+        if "task_type" not in s:
+            rows.append([_e(s["id"]), "", "", "", "", '<span class="error">unreadable: %s</span>' % _e(s["error"]), ""])
+            continue
+        runs = "<br>".join(_time(t) for t in s["next_runs"]) or '<span class="error">%s</span>' % _e(s.get("error"))
+        action = ""
+        if dashboard.allow_actions:
+            action = _action_form(dashboard, "/schedules/%s/trigger" % _u(s["id"]), "Run now")
+        rows.append([_e(s["id"]), _e(s["task_type"]), "<code>%s</code>" % _e(s["cron"]), _e(s["timezone"] or "UTC"),
+                     _badge("enabled" if s["enabled"] else "disabled"), runs, action])
+    more = data["schedules_registered"] - len(data["schedules"])
+    note = '<p class="muted">%d more schedules not read.</p>' % more if more > 0 else ""
+    return _html_table(["Schedule", "Task type", "Cron", "Time zone", "State", "Next runs", ""], rows) + note
+
+
+def _overview_bound():
+    return ("A refresh costs LIST ready/ and LIST leases/ (one per 1,000 keys, at most %d each), LIST workers/ "
+            "and a GET per heartbeat (at most %d), LIST schedules/ and a GET per schedule (at most %d), and one "
+            "GET of the oldest ready task." % (_INDEX_PAGES, _MAX_WORKERS, _MAX_SCHEDULES))
+
+
+def _view_overview(r, query):
+    data = _overview_data(r)
+    now = r.now()
+    chart = _view_chart(r, query)
+    sections = [
+        ("backlog", "Backlog", _render_backlog(data)),
+        ("chart", "Finished in the last hour", chart.sections[0][2]),
+        ("shards", "Tasks per shard", _render_shards(data)),
+        ("workers", "Workers", _render_workers(data, now)),
+        ("schedules", "Schedules", _render_schedules(r.dashboard, data)),
+    ]
+    data["chart"] = chart.data
+    every = int(r.dashboard.refresh * 1000)
+    poll = [{"url": "/api/overview", "every": every},
+            {"url": _href("/api/chart", chart_shard=chart.data["shard"]), "every": every * 6}]
+    return _View("Overview", sections, data, poll, _overview_bound(), "overview")
+
+
+def _view_overview_refresh(r, query):
+    """The overview's 5-second refresh: everything but the chart."""
+    data = _overview_data(r)
+    now = r.now()
+    sections = [("backlog", "", _render_backlog(data)), ("shards", "", _render_shards(data)),
+                ("workers", "", _render_workers(data, now)), ("schedules", "", _render_schedules(r.dashboard, data))]
+    return _View("Overview", sections, data, [], _overview_bound(), "overview")
+
+
+# -- the chart -----------------------------------------------------------------------
+
+
+def _chart_data(r, shard=None):
+    q, store, now = r.queue, r.store, r.now()
+    since = now - timedelta(hours=1)
+    prefix = "tasks/%s/" % shard if shard else "tasks/"
+    recent, start, complete, scanned = [], None, False, 0
+    for _ in range(_CHART_PAGES):
+        page, truncated = store.list_info(prefix, start_after=start, limit=1000)
+        scanned += len(page)
+        recent.extend((k, m) for k, m in page if k.endswith(".json") and (m is None or m >= since))
+        if not truncated or not page:
+            complete = True
+            break
+        start = page[-1][0]
+    recent.sort(key=lambda km: km[1] or now, reverse=True)
+    cache = r.dashboard.cache
+
+    def finished(key_modified):
+        key, modified = key_modified
+        cached = cache.get(("chart", key, modified)) if modified else None
+        if cached is not None:
+            return cached
+        task, _ = q._read(key)
+        if task is None:
+            return ("gone", None)
+        value = (task.doc.get("status", "pending"), task.doc.get("completed_at"))
+        if modified and value[0] in TERMINAL:
+            cache.put(("chart", key, modified), value)  # finished documents rarely change again
+        return value
+    # Reads go to the cache first, so only new or still-moving documents cost a GET.
+    before = store.counts.get("GET", 0)
+    results = q._map(finished, recent[:_CHART_READS])
+    reads = store.counts.get("GET", 0) - before
+    first = now.replace(second=0, microsecond=0) - timedelta(minutes=59)
+    minutes = [{"t": format_timestamp(first + timedelta(minutes=i)), "completed": 0, "failed": 0} for i in range(60)]
+    for status, completed_at in results:
+        if status not in ("completed", "failed") or not completed_at:
+            continue
+        try:
+            at = parse_timestamp(completed_at)
+        except ValueError:
+            continue
+        i = int((at - first).total_seconds() // 60)
+        if 0 <= i < 60:
+            minutes[i][status] += 1
+    return {"minutes": minutes, "shard": shard, "scanned": scanned, "changed_last_hour": len(recent),
+            "read": reads, "complete": complete and len(recent) <= _CHART_READS,
+            "completed": sum(m["completed"] for m in minutes), "failed": sum(m["failed"] for m in minutes)}
+
+
+def _chart_svg(data):
+    """Completions (green) and failures (red) per minute as stacked bars,
+    drawn here: no script, no style attribute (the CSP allows neither)."""
+    width, height, left, right, top, bottom = 1180, 190, 40, 10, 12, 26
+    plot_w, plot_h = width - left - right, height - top - bottom
+    minutes = data["minutes"]
+    peak = max([m["completed"] + m["failed"] for m in minutes] + [1])
+    step = plot_w / 60.0
+    parts = ['<svg class="chart" viewBox="0 0 %d %d" role="img" '
+             'aria-label="tasks completed and failed per minute, last hour">' % (width, height)]
+    for frac in (0.0, 0.5, 1.0):
+        y = top + plot_h * (1 - frac)
+        parts.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>' % (left, width - right, y, y))
+        parts.append('<text class="axis" x="%d" y="%.1f" text-anchor="end">%s</text>'
+                     % (left - 6, y + 4, _e(("%.1f" % (peak * frac)).rstrip("0").rstrip("."))))
+    for i, m in enumerate(minutes):
+        x = left + i * step + 1
+        w = max(step - 2, 1)
+        ok_h = plot_h * m["completed"] / peak
+        bad_h = plot_h * m["failed"] / peak
+        base = top + plot_h
+        label = "%s: %d completed, %d failed" % (_when(m["t"]), m["completed"], m["failed"])
+        parts.append('<g><title>%s</title>' % _e(label))
+        parts.append('<rect class="hit" x="%.1f" y="%d" width="%.1f" height="%d"/>' % (x, top, w, plot_h))
+        if ok_h:
+            parts.append('<rect class="ok" x="%.1f" y="%.1f" width="%.1f" height="%.1f"/>'
+                         % (x, base - ok_h, w, ok_h))
+        if bad_h:
+            parts.append('<rect class="bad" x="%.1f" y="%.1f" width="%.1f" height="%.1f"/>'
+                         % (x, base - ok_h - bad_h, w, bad_h))
+        parts.append("</g>")
+        if i % 10 == 0 or i == 59:
+            t = parse_timestamp(m["t"]).astimezone()
+            parts.append('<text class="axis" x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                         % (left + (i + 0.5) * step, height - 8, _e(t.strftime("%H:%M"))))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _view_chart(r, query):
+    shard = _query_shard(r, query, "chart_shard")
+    before = r.store.total  # the overview page draws the chart in the same request
+    data = _chart_data(r, shard)
+    spent = r.store.total - before
+    legend = ('<p class="legend"><span class="key ok"></span> %d completed <span class="key bad"></span> %d failed'
+              ' <span class="muted">in the last hour, per minute (local time)</span></p>'
+              % (data["completed"], data["failed"]))
+    notes = ["from %s: %d documents listed, %d changed in the last hour, %d read now (finished ones are cached)."
+             % ("shard %s" % _e(shard) if shard else "all shards", data["scanned"], data["changed_last_hour"],
+                data["read"])]
+    if not data["complete"]:
+        notes.append("Partial: the chart lists at most %d documents and reads at most %d per refresh; "
+                     "chart one shard for more." % (_CHART_PAGES * 1000, _CHART_READS))
+    html = (legend + _chart_svg(data) + '<p class="muted">%s This chart: %d S3 requests (refreshed every %ds).</p>'
+            % (" ".join(notes), spent, int(r.dashboard.refresh * 6)))
+    if shard or not data["complete"]:
+        links = ['<a href="/"%s>all</a>' % (' class="on"' if not shard else "")]
+        links += ['<a href="%s"%s>%s</a>' % (_e(_href("/", chart_shard=s)), ' class="on"' if s == shard else "", _e(s))
+                  for s in r.queue.shards]
+        html += '<p class="shard-links">Chart shard: %s</p>' % " ".join(links)
+    return _View("Chart", [("chart", "", html)], data, [],
+                 "A chart refresh costs LIST tasks/ (at most %d) and a GET per document changed in the last hour "
+                 "(at most %d, finished ones cached)." % (_CHART_PAGES, _CHART_READS), "overview")
+
+
+# -- task list -------------------------------------------------------------------------
+
+_CURSOR = re.compile(r"tasks/[0-9a-f]{1,4}/[^/]{1,200}\.json\Z")
+
+
+def _query_value(query, name, limit=200):
+    value = (query.get(name) or [""])[0]
+    if len(value) > limit:
+        raise _HTTPError(400, "%s is too long (at most %d characters)" % (name, limit))
+    return value
+
+
+def _query_shard(r, query, name="shard"):
+    shard = _query_value(query, name).strip().lower()
+    if shard and shard not in r.queue.shards:
+        raise _HTTPError(400, "shard must be one of %s..%s, got %r" % (r.queue.shards[0], r.queue.shards[-1], shard))
+    return shard or None
+
+
+def _tasks_data(r, query):
+    q, store = r.queue, r.store
+    shard = _query_shard(r, query)
+    status = _query_value(query, "status").strip()
+    if status and status not in STATUSES:
+        raise _HTTPError(400, "status must be one of %s, got %r" % (", ".join(STATUSES), status))
+    task_type = _query_value(query, "type")
+    after = _query_value(query, "after", 300)
+    prefix = "tasks/%s/" % shard if shard else "tasks/"
+    if after and (not _CURSOR.match(after) or not after.startswith(prefix)):
+        raise _HTTPError(400, "after must be a task key under %s, got %r" % (prefix, after))
+    keys, truncated = store.list(prefix, start_after=after or None, limit=_PAGE_SIZE)
+    docs = [k for k in keys if k.endswith(".json")]
+    tasks, unreadable = [], 0
+    for task, reason in q._map(q._read, docs):
+        if task is None:
+            unreadable += 1 if reason else 0
+            continue
+        if status and task.doc.get("status", "pending") != status:
+            continue
+        if task_type and task.doc.get("task_type") != task_type:
+            continue
+        tasks.append(task)
+    return {"shard": shard, "status": status or None, "type": task_type or None, "after": after or None,
+            "scanned": len(docs), "unreadable": unreadable, "next": keys[-1] if truncated and keys else None,
+            "tasks": tasks}
+
+
+def _render_task_rows(r, data):
+    now = r.now()
+    rows = []
+    for t in data["tasks"]:
+        d = t.doc
+        error = d.get("last_error")
+        rows.append([_task_link(d["id"]), _e(d.get("task_type")), _badge(d.get("status", "pending")),
+                     _e(d.get("attempt", 0)), "%s/%s" % (_e(d.get("retry_count", 0)), _e(d.get("max_retries", "-"))),
+                     _time(d.get("updated_at"), now), _e(d.get("worker_id") or ""),
+                     '<span class="error">%s</span>' % _e(_short(error)) if error else ""])
+    filters = dict(shard=data["shard"], status=data["status"], type=data["type"])
+    if rows:
+        table = _html_table(["Task", "Type", "Status", "Attempt", "Retries", "Updated", "Worker", "Last error"],
+                       rows, "tasks")
+    else:
+        table = '<p class="empty">No task on this page matches.</p>'
+    links = []
+    if data["after"]:
+        links.append('<a href="%s">\u2190 First page</a>' % _e(_href("/tasks", **filters)))
+    if data["next"]:
+        following = _href("/tasks", after=data["next"], **filters)
+        links.append('<a class="next" href="%s">Next page \u2192</a>' % _e(following))
+    where = "shard %s" % _e(data["shard"]) if data["shard"] else "all shards"
+    summary = ("This page read %d task documents of %s in key order; %d match%s." % (
+        data["scanned"], where, len(data["tasks"]), "" if len(data["tasks"]) != 1 else "es"))
+    if data["unreadable"]:
+        summary += " %d could not be read." % data["unreadable"]
+    if (data["status"] or data["type"]) and data["next"]:
+        summary += " Filters apply to each page: later pages may hold more."
+    return '%s<div class="pager"><span class="muted">%s</span> %s</div>' % (table, summary, " ".join(links))
+
+
+def _render_filters(r, data):
+    def option(value, label, selected):
+        return '<option value="%s"%s>%s</option>' % (_e(value), " selected" if selected else "", _e(label))
+    shard_opts = [option("", "all shards", not data["shard"])] + [
+        option(s, "shard " + s, s == data["shard"]) for s in r.queue.shards]
+    status_opts = [option("", "any status", not data["status"])] + [
+        option(s, s, s == data["status"]) for s in STATUSES]
+    form = ('<form class="filters" method="get" action="/tasks">'
+            '<label>Shard <select name="shard">%s</select></label>'
+            '<label>Status <select name="status" id="status-filter">%s</select></label>'
+            '<label>Type <input name="type" value="%s" placeholder="any type" size="18"></label>'
+            '<button type="submit">Filter</button></form>'
+            % ("".join(shard_opts), "".join(status_opts), _e(data["type"] or "")))
+    chips = []
+    for status in ("",) + STATUSES:
+        href = _href("/tasks", shard=data["shard"], status=status, type=data["type"])
+        chips.append('<a class="chip%s%s" href="%s">%s</a>' % (
+            " s-" + status if status else "", " on" if status == (data["status"] or "") else "", _e(href),
+            status or "any"))
+    return form + '<nav class="chips">%s</nav>' % "".join(chips)
+
+
+def _view_tasks(r, query):
+    data = _tasks_data(r, query)
+    sections = [("filters", "Tasks", _render_filters(r, data)), ("task-table", "", _render_task_rows(r, data))]
+    public = dict(data, tasks=[t.to_dict() for t in data["tasks"]])
+    url = _href("/api/tasks", shard=data["shard"], status=data["status"], type=data["type"], after=data["after"])
+    poll = [{"url": url, "every": int(r.dashboard.refresh * 2000)}]
+    bound = ("A refresh costs one LIST of up to %d keys and a GET per key of this page, whatever the filters."
+             % _PAGE_SIZE)
+    return _View("Tasks", sections, public, poll, bound, "tasks", static=("filters",))
+
+
+# -- task detail ----------------------------------------------------------------------
+
+
+def _event(prev, cur):
+    """What happened between two versions of a task, in words."""
+    p, c = (prev or {}), cur
+    status, before = c.get("status", "pending"), p.get("status", "pending")
+    if prev is None:
+        return "submitted" if status == "pending" and not c.get("attempt") else "first recorded version"
+    if status == "running" and before == "pending":
+        return "claimed by %s (attempt %s)" % (c.get("worker_id") or "?", c.get("attempt", 0))
+    if status == "running" and before == "running":
+        if c.get("cancel_requested") and not p.get("cancel_requested"):
+            return "cancellation requested"
+        if c.get("lease_expires_at") != p.get("lease_expires_at"):
+            return "lease extended"
+        return "updated"
+    if status == "pending" and before == "running":
+        if c.get("retry_count", 0) > p.get("retry_count", 0):
+            return "attempt failed, retry %s scheduled" % c.get("retry_count")
+        if c.get("reschedule_count", 0) > p.get("reschedule_count", 0):
+            return "rescheduled"
+        return "put back (worker shut down)"
+    if status == "pending" and before != "pending":
+        return "replayed"
+    return {"completed": "completed", "failed": "failed", "cancelled": "cancelled", "archived": "archived",
+            "expired": "expired"}.get(status, "updated")
+
+
+def _history(r, task):
+    """(versions as docs, newest first, or None when unversioned; total
+    count; note)."""
+    q, cache = r.queue, r.dashboard.cache
+    try:
+        if not r.dashboard.versioned(q):
+            return None, 0, "This bucket keeps no object versions, so only the current state is known. " \
+                            "Enable versioning on the bucket to see every change as a timeline."
+        versions = [v for v in q.store.versions(task.key) if not v.is_delete_marker]
+    except VersioningUnavailable as exc:
+        return None, 0, "No history: %s." % exc
+    except BuquetError as exc:  # e.g. no permission to read the bucket's versioning
+        return None, 0, "No history: %s." % _one_line(exc)
+
+    def read(version):
+        hit = cache.get(("version", task.key, version.version_id))
+        if hit is not None:
+            return hit
+        blob = q.store.get_version(task.key, version.version_id)
+        if blob is None:
+            return None
+        try:
+            doc = decode_task(blob.body, blob.etag, task.key).doc
+        except InvalidTaskDocument:
+            return None
+        cache.put(("version", task.key, version.version_id), doc)  # a version never changes
+        return doc
+    docs = [d for d in q._map(read, versions[:_MAX_VERSIONS]) if d is not None]
+    note = None
+    if len(versions) > _MAX_VERSIONS:
+        note = "Showing the newest %d of %d versions." % (_MAX_VERSIONS, len(versions))
+    return docs, len(versions), note
+
+
+def _render_timeline(docs, now, complete):
+    """Versions newest first, each with what changed since the one before;
+    the oldest shown has no "before" unless it is the first version."""
+    items = []
+    for i, doc in enumerate(docs):
+        older = docs[i + 1] if i + 1 < len(docs) else None
+        label = _event(older, doc) if older is not None or complete else "state"
+        details = []
+        if doc.get("worker_id"):
+            details.append("worker %s" % _e(doc["worker_id"]))
+        if doc.get("cancelled_by") and doc.get("cancelled_by") != (older or {}).get("cancelled_by"):
+            details.append("by %s" % _e(doc["cancelled_by"]))
+        if doc.get("last_error") and doc.get("last_error") != (older or {}).get("last_error"):
+            details.append('<span class="error">%s</span>' % _e(_short(doc["last_error"], 200)))
+        items.append('<li class="t-%s"><span class="dot"></span><div class="when">%s</div>'
+                     '<div class="what">%s %s</div><div class="muted">%s</div></li>' % (
+                         _e(doc.get("status", "pending")), _time(doc.get("updated_at"), now),
+                         _badge(doc.get("status", "pending")), _e(label if label != doc.get("status") else ""),
+                         " \u00b7 ".join(details)))
+    return '<ol class="timeline">%s</ol>' % "".join(items)
+
+
+def _render_stamps(doc, now):
+    """Without versions: the moments the document itself records."""
+    stamps = [("created_at", "submitted"), ("available_at", "available"), ("lease_expires_at", "lease ends"),
+              ("cancelled_at", "cancelled"), ("expired_at", "expired"), ("completed_at", "finished"),
+              ("updated_at", "last change")]
+    found = [(doc.get(name), label) for name, label in stamps if doc.get(name)]
+    found.sort(key=lambda vl: parse_timestamp(vl[0]), reverse=True)
+    items = ['<li><span class="dot"></span><div class="when">%s</div><div class="what">%s</div></li>'
+             % (_time(v, now), _e(label)) for v, label in found]
+    return '<ol class="timeline plain">%s</ol>' % "".join(items)
+
+
+def _task_actions(dashboard, doc):
+    if not dashboard.allow_actions:
+        return '<p class="muted">Read-only: start with <code>buquet serve --allow-actions</code> to act on tasks.</p>'
+    status, tid = doc.get("status", "pending"), _u(doc["id"])
+    forms = []
+    if status in _CANCELLABLE and not doc.get("cancel_requested"):
+        forms.append(_action_form(dashboard, "/tasks/%s/cancel" % tid,
+                                  "Cancel" if status == "pending" else "Request cancellation", "danger"))
+    if status in _REPLAYABLE:
+        forms.append(_action_form(dashboard, "/tasks/%s/replay" % tid, "Replay"))
+    if status in _ARCHIVABLE:
+        forms.append(_action_form(dashboard, "/tasks/%s/archive" % tid, "Archive"))
+    if not forms:
+        return '<p class="muted">No action applies to a %s task.</p>' % _e(status)
+    return '<div class="actions">%s</div>' % "".join(forms)
+
+
+def _view_task(r, task_id):
+    try:
+        task_id = _task_id(task_id)
+    except ValueError as exc:
+        raise _HTTPError(400, str(exc))
+    q, now = r.queue, r.now()
+    task = q.get(task_id)
+    if task is None:
+        raise TaskNotFound(task_id)
+    doc = task.doc
+    status = doc.get("status", "pending")
+    fields = [
+        ("Status", _badge(status) + (' <span class="muted">cancellation requested</span>'
+                                      if doc.get("cancel_requested") else "")),
+        ("Type", _e(doc.get("task_type"))), ("Shard", _e(doc.get("shard"))),
+        ("Attempts", "%s <span class=\"muted\">(retries %s of %s, reschedules %s)</span>" % (
+            _e(doc.get("attempt", 0)), _e(doc.get("retry_count", 0)), _e(doc.get("max_retries", "-")),
+            _e(doc.get("reschedule_count", 0)))),
+        ("Worker", _e(doc.get("worker_id") or "")), ("Lease", "%ss per attempt" % _e(doc.get("timeout_seconds"))),
+    ]
+    for name, label in (("created_at", "Created"), ("available_at", "Available"), ("updated_at", "Updated"),
+                        ("lease_expires_at", "Lease expires"), ("completed_at", "Finished"),
+                        ("cancelled_at", "Cancelled"), ("cancelled_by", "Cancelled by"),
+                        ("expires_at", "Expires if not started"), ("expired_at", "Expired")):
+        if doc.get(name):
+            fields.append((label, _time(doc[name], now) if name.endswith("_at") else _e(doc[name])))
+    info = '<dl class="fields">%s</dl>' % "".join("<dt>%s</dt><dd>%s</dd>" % f for f in fields)
+    info += _task_actions(r.dashboard, doc)
+
+    def payload(name, ref_name):
+        if doc.get(ref_name):
+            try:
+                value = (q.load_input if name == "input" else q.load_output)(task)
+            except (BuquetError, ValueError) as exc:
+                return '<p class="error">offloaded to %s, which cannot be read: %s</p>' % (
+                    _e(doc[ref_name]), _e(_one_line(exc)))
+            return '<p class="muted">offloaded to %s</p>%s' % (_e(doc[ref_name]), _pre(value))
+        value = doc.get(name)
+        return _pre(value) if value is not None else '<p class="muted">none</p>'
+    error = doc.get("last_error")
+    versions, total, note = _history(r, task)
+    if versions is None:
+        timeline = '<p class="note">%s</p>%s' % (_e(note), _render_stamps(doc, now))
+    else:
+        timeline = _render_timeline(versions, now, total <= _MAX_VERSIONS)
+        if note:
+            timeline += '<p class="muted">%s</p>' % _e(note)
+    sections = [
+        ("task", "Task %s" % _e(task_id), info),
+        ("timeline", "History", timeline),
+        ("input", "Input", payload("input", "input_ref")),
+        ("output", "Output", payload("output", "output_ref")),
+        ("error", "Last error", _pre(error, text=True) if error else '<p class="muted">none</p>'),
+    ]
+    data = {"task": task.to_dict(), "versioned": versions is not None, "note": note,
+            "versions": versions or [], "versions_total": total}
+    poll = [{"url": "/api/tasks/%s" % _u(task_id), "every": int(r.dashboard.refresh * 1000)}]
+    bound = ("A refresh costs one GET of the task (one more per offloaded payload) and, when the bucket keeps "
+             "versions, one LIST of its versions and a GET per version not seen before (at most %d)."
+             % _MAX_VERSIONS)
+    return _View("Task %s" % task_id[:8], sections, data, poll, bound, "tasks", "detail")
+
+
+# -- actions (POST only) --------------------------------------------------------------
+
+
+def _act(r, kind, ident):
+    """Perform an action; returns (message, where to go next)."""
+    q = r.queue
+    if kind == "trigger":
+        task = q.trigger_schedule(ident)
+        return "schedule %s: submitted task %s" % (ident, task.doc["id"]), "/tasks/%s" % task.doc["id"]
+    try:
+        task_id = _task_id(ident)
+    except ValueError as exc:
+        raise _HTTPError(400, str(exc))
+    if kind == "cancel":
+        task = q.request_cancellation(task_id, cancelled_by="dashboard")
+        done = "cancelled" if task.doc.get("status") == "cancelled" else "cancellation requested"
+    elif kind == "replay":
+        task = q.replay(task_id)
+        done = "replayed"
+    else:
+        task = q.archive(task_id)
+        done = "archived"
+    return "task %s %s" % (task_id, done), "/tasks/%s" % task_id
+
+
+# -- pages -------------------------------------------------------------------------------
+
+
+def _layout(dashboard, view, cost, store_name):
+    nav = "".join('<a href="%s"%s>%s</a>' % (href, ' class="on"' if view.nav == key else "", label)
+                  for key, href, label in (("overview", "/", "Overview"), ("tasks", "/tasks", "Tasks")))
+    mode = ('<span class="mode act">actions allowed</span>' if dashboard.allow_actions
+            else '<span class="mode">read-only</span>')
+    body = "".join('<section class="sec-%s">%s<div id="%s">%s</div></section>' % (
+        sid, "<h2>%s</h2>" % heading if heading else "", sid, html) for sid, heading, html in view.sections)
+    config = {"poll": view.poll}
+    live = "live: refreshed every %ss" % ("%.1f" % (view.poll[0]["every"] / 1000.0)).rstrip("0").rstrip(".") \
+        if view.poll else "not refreshed"
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<title>buquet \u00b7 %s</title><link rel="icon" href="/static/favicon.svg">'
+        '<link rel="stylesheet" href="/static/dashboard.css">'
+        '<script type="application/json" id="buquet-config">%s</script>'
+        '<script src="/static/dashboard.js" defer></script></head><body>'
+        '<header><a class="brand" href="/">buquet</a><nav>%s</nav><span class="store">%s</span>%s</header>'
+        '<main class="%s"><p id="flash" class="flash" hidden></p>%s</main>'
+        '<footer><p><span id="cost">%s</span> \u00b7 <span id="live">%s</span></p>'
+        '<p class="muted">%s</p></footer></body></html>\n'
+        % (_e(view.title), _script_json(config), nav, _e(store_name), mode, _e(view.layout), body, _cost_html(cost),
+           _e(live), _e(view.bound)))
+
+
+def _cost_html(cost):
+    ops = ", ".join("%s %d" % kv for kv in sorted(cost["by_operation"].items()))
+    return "this refresh: %d S3 request%s%s" % (cost["total"], "" if cost["total"] == 1 else "s",
+                                                 " (%s)" % ops if ops else "")
+
+
+def _error_html(status, message):
+    import http
+
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>%d %s \u00b7 buquet</title>'
+            '<link rel="stylesheet" href="/static/dashboard.css"></head><body>'
+            '<header><a class="brand" href="/">buquet</a></header><main><section><h2>%d %s</h2>'
+            '<p class="error-message">%s</p><p><a href="/">Back to the overview</a></p></section></main>'
+            '</body></html>\n' % (status, _e(reason), status, _e(reason), _e(message)))
+
+
+_ACTION_PATH = re.compile(r"/(?:tasks/([^/]+)/(cancel|replay|archive)|schedules/([^/]+)/(trigger))\Z")
+_TASK_PATH = re.compile(r"/(api/)?tasks/([^/]+)\Z")
+_PAGES = {"/": _view_overview, "/tasks": _view_tasks}
+_API = {"/api/overview": _view_overview_refresh, "/api/chart": _view_chart, "/api/tasks": _view_tasks}
+
+
+class _HandlerMixin:
+    """The request handler (mixed with http.server's BaseHTTPRequestHandler
+    in make_server, so that this section imports no server module)."""
+
+    server_version = "buquet"
+    sys_version = ""
+    dashboard = None  # set on the class made by make_server
+
+    # -- plumbing -------------------------------------------------------------
+
+    def log_request(self, code="-", size="-"):
+        pass  # one line per request is written by _respond, with the cost
+
+    def log_message(self, format, *args):
+        self.dashboard.write_log("%s %s" % (self.address_string(), format % args))
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own errors (bad request line, unknown method) get the
+        # same small page and headers as ours.
+        self._respond(code, _error_html(code, message or explain or "request refused"),
+                      "text/html; charset=utf-8", error=message)
+
+    def _respond(self, status, body, content_type, headers=(), error=None):
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        try:
+            self.send_response(status)
+            for name, value in _SECURITY_HEADERS:
+                self.send_header(name, value)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away
+        request = getattr(self, "_request", None)
+        spent = "%.0fms" % ((time.monotonic() - self._started) * 1000) if getattr(self, "_started", None) else "-"
+        line = '"%s" %d %dB %s s3=%s' % (
+            getattr(self, "requestline", "") or "-", status, len(data), spent,
+            request.store.total if request is not None else 0)
+        if error:
+            line += " error: %s" % _one_line(error)
+        self.log_message("%s", line)
+
+    def _wants_json(self, path):
+        return path.startswith("/api/") or "application/json" in (self.headers.get("Accept") or "")
+
+    def _fail(self, path, status, message, headers=()):
+        if self._wants_json(path):
+            body = json.dumps({"error": message}, ensure_ascii=False)
+            self._respond(status, body, "application/json; charset=utf-8", headers, error=message)
+        else:
+            self._respond(status, _error_html(status, message), "text/html; charset=utf-8", headers, error=message)
+
+    def _host_ok(self):
+        """On loopback, only loopback names: a page whose DNS name was
+        rebound to 127.0.0.1 sends its own name as Host and is refused."""
+        if not self.dashboard.loopback_only:
+            return True
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host.startswith("["):
+            name = host[1:].partition("]")[0]
+        else:
+            name = host.rpartition(":")[0] if ":" in host else host
+        return name in _LOOPBACK_NAMES or name.endswith(".localhost")
+
+    def _origin_ok(self):
+        """The POST comes from a page of this server: its Origin (or, when a
+        browser sends none, its Referer) names the Host it was sent to."""
+        from urllib.parse import urlsplit
+
+        host = (self.headers.get("Host") or "").lower()
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            return origin.lower() == "http://" + host, "Origin %s is not this server" % origin
+        referer = self.headers.get("Referer")
+        if referer:
+            parts = urlsplit(referer)
+            return (parts.scheme == "http" and parts.netloc.lower() == host,
+                    "Referer %s is not this server" % referer)
+        return False, "the request has neither Origin nor Referer"
+
+    # -- methods ----------------------------------------------------------------
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_HEAD(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def _handle(self, method):
+        from urllib.parse import parse_qs, unquote, urlsplit
+
+        self._started = time.monotonic()
+        self._request = None
+        url = urlsplit(self.path)
+        path = url.path
+        d = self.dashboard
+        try:
+            if not self._host_ok():
+                raise _HTTPError(400, "unexpected Host %r: this dashboard answers only to loopback names"
+                                 % self.headers.get("Host"))
+            action = _ACTION_PATH.match(path)
+            if action:
+                if method != "POST":
+                    raise _HTTPError(405, "actions change the queue, so they take a POST (with the page's token)",
+                                     [("Allow", "POST")])
+                d.count_hit(path)
+                return self._action(path, unquote(action.group(1) or action.group(3)),
+                                    action.group(2) or action.group(4))
+            if method != "GET":
+                raise _HTTPError(405, "%s is read-only: use GET" % path, [("Allow", "GET, HEAD")])
+            if path.startswith("/static/") or path == "/favicon.ico":
+                return self._static(path)
+            query = parse_qs(url.query, keep_blank_values=True)
+            task = _TASK_PATH.match(path)
+            if task:
+                view, as_json = (lambda r, q: _view_task(r, unquote(task.group(2)))), bool(task.group(1))
+            elif path in _PAGES:
+                view, as_json = _PAGES[path], False
+            elif path in _API:
+                view, as_json = _API[path], True
+            else:
+                raise _HTTPError(404, "no page at %s" % path)
+            d.count_hit(path)
+            self._request = _Request(d)
+            result = view(self._request, query)
+            cost = self._request.cost()
+            if as_json:
+                parts = {sid: html for sid, _, html in result.sections if sid not in result.static}
+                parts["cost"] = _cost_html(cost)
+                body = json.dumps({"parts": parts, "data": result.data, "requests": cost, "bound": result.bound},
+                                  ensure_ascii=False, default=str)
+                return self._respond(200, body, "application/json; charset=utf-8")
+            page = _layout(d, result, cost, repr(d.queue.store))
+            return self._respond(200, page, "text/html; charset=utf-8")
+        except Exception as exc:  # every failure is a small page, never a traceback
+            status, message, headers = self._classify(exc)
+            if status == 500 and d.debug:
+                import traceback
+
+                traceback.print_exc(file=d.log)
+            return self._fail(path, status, message, headers)
+
+    @staticmethod
+    def _classify(exc):
+        if isinstance(exc, _HTTPError):
+            return exc.status, str(exc), exc.headers
+        if isinstance(exc, TaskNotFound):
+            return 404, str(exc), ()
+        if isinstance(exc, ScheduleError):
+            return (404 if str(exc).startswith("no schedule") else 400), str(exc), ()
+        if isinstance(exc, (InvalidTransition, LeaseMismatch, ConflictError)):
+            return 409, str(exc), ()
+        if isinstance(exc, (ValueError, UsageError)):
+            return 400, _one_line(exc), ()
+        if isinstance(exc, BuquetError):
+            return 502, "the store failed: %s" % _one_line(exc), ()
+        return 500, "internal error (%s): %s" % (type(exc).__name__, _one_line(exc)), ()
+
+    def _action(self, path, ident, kind):
+        import hmac
+        from urllib.parse import parse_qs
+
+        d = self.dashboard
+        if not d.allow_actions:
+            raise _HTTPError(403, "this dashboard is read-only: start it with `buquet serve --allow-actions`")
+        ok, why = self._origin_ok()
+        if not ok:
+            raise _HTTPError(403, "refused: %s (actions come from the dashboard's own pages)" % why)
+        try:
+            length = int(self.headers.get("Content-Length") or "0")
+        except ValueError:
+            raise _HTTPError(400, "bad Content-Length")
+        if length > _MAX_POST:
+            raise _HTTPError(413, "the form is larger than %d bytes" % _MAX_POST)
+        form = parse_qs(self.rfile.read(length).decode("utf-8", "replace")) if length > 0 else {}
+        token = (form.get("token") or [""])[0]
+        if not hmac.compare_digest(token.encode("utf-8"), d.token.encode("utf-8")):
+            raise _HTTPError(403, "refused: the token is missing or wrong (reload the page: "
+                                  "the server may have restarted)")
+        self._request = _Request(d)
+        message, location = _act(self._request, kind, ident)
+        if self._wants_json(path):
+            body = json.dumps({"ok": True, "message": message, "location": location, "requests":
+                               self._request.cost()}, ensure_ascii=False)
+            return self._respond(200, body, "application/json; charset=utf-8")
+        return self._respond(303, _error_html(303, message), "text/html; charset=utf-8",
+                             [("Location", location)])
+
+    def _static(self, path):
+        if path == "/static/dashboard.js":
+            return self._respond(200, _DASHBOARD_JS, "text/javascript; charset=utf-8")
+        if path == "/static/dashboard.css":
+            return self._respond(200, _DASHBOARD_CSS, "text/css; charset=utf-8")
+        if path in ("/static/favicon.svg", "/favicon.ico"):
+            return self._respond(200, _FAVICON, "image/svg+xml")
+        raise _HTTPError(404, "no file at %s" % path)
+
+
+# The page script: refresh the parts of a page from its JSON twin every few
+# seconds (paused while the tab is hidden), and post actions with fetch().
+# Each page names what to poll in its JSON config block.
+_DASHBOARD_JS = r"""// buquet dashboard: live refresh and actions, no framework.
+(function () {
+  "use strict";
+  var config = JSON.parse(document.getElementById("buquet-config").textContent);
+  var live = document.getElementById("live");
+  function say(text) { if (live) { live.textContent = text; } }
+
+  function poller(spec) {
+    var timer = null, busy = false;
+    function arm() {
+      if (timer === null && !busy && !document.hidden) { timer = setTimeout(tick, spec.every); }
+    }
+    function tick() {
+      timer = null;
+      if (document.hidden) { return; }
+      busy = true;
+      fetch(spec.url, {headers: {Accept: "application/json"}, cache: "no-store", credentials: "same-origin"})
+        .then(function (r) {
+          return r.json().then(function (body) {
+            if (!r.ok) { throw new Error(body.error || ("HTTP " + r.status)); }
+            return body;
+          });
+        })
+        .then(function (body) {
+          Object.keys(body.parts).forEach(function (id) {
+            var el = document.getElementById(id);
+            if (el) { el.innerHTML = body.parts[id]; }  // server-rendered, escaped HTML
+          });
+          say("live: updated " + new Date().toLocaleTimeString());
+        })
+        .catch(function (err) { say("refresh failed: " + err.message + " (will retry)"); })
+        .then(function () { busy = false; arm(); });
+    }
+    document.addEventListener("visibilitychange", function () {
+      clearTimeout(timer);
+      timer = null;
+      if (document.hidden) { say("paused while the tab is hidden"); } else if (!busy) { tick(); }
+    });
+    arm();
+  }
+  (config.poll || []).forEach(poller);
+
+  function flash(text) {
+    var el = document.getElementById("flash");
+    if (el) { el.textContent = text; el.hidden = false; }
+  }
+  // Actions: fetch() sends the page's Origin (a plain form POST under
+  // Referrer-Policy: no-referrer would send "Origin: null", which is refused).
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (!form.classList || !form.classList.contains("action")) { return; }
+    event.preventDefault();
+    var button = form.querySelector("button");
+    if (button) { button.disabled = true; }
+    fetch(form.action, {method: "POST", body: new URLSearchParams(new FormData(form)),
+                        headers: {Accept: "application/json"}, credentials: "same-origin"})
+      .then(function (r) { return r.json(); })
+      .then(function (body) {
+        if (body.location) { window.location.assign(body.location); return; }
+        flash(body.error || "the action failed");
+      })
+      .catch(function (err) { flash("the action failed: " + err.message); })
+      .then(function () { if (button) { button.disabled = false; } });
+  });
+})();
+"""
+
+_FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><path d="M5 9h22l-3 19H8z" fill="#2f5bd3"/>'
+            '<ellipse cx="16" cy="9" rx="11" ry="3.5" fill="#1d2330"/></svg>')
+
+_DASHBOARD_CSS = """
+:root { --fg: #1d2330; --muted: #6b7385; --line: #dde1e8; --bg: #f6f7f9; --card: #fff; --accent: #2f5bd3;
+        --ok: #1e8e4f; --bad: #c8372d; --warn: #b7791f; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
+       background: var(--bg); }
+header { display: flex; align-items: center; gap: 20px; padding: 10px 24px; background: #1d2330; color: #e8ebf1; }
+header a { color: #e8ebf1; text-decoration: none; }
+header .brand { font-weight: 700; font-size: 18px; letter-spacing: .5px; }
+header nav a { padding: 4px 10px; border-radius: 4px; }
+header nav a.on, header nav a:hover { background: #364055; }
+header .store { margin-left: auto; color: #aab2c2; font-size: 12px; font-family: ui-monospace, monospace; }
+.mode { font-size: 12px; padding: 2px 8px; border-radius: 10px; background: #364055; }
+.mode.act { background: #8a3b12; }
+main { padding: 16px 24px; max-width: 1280px; }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 6px; padding: 12px 16px;
+          margin-bottom: 16px; }
+h2 { font-size: 15px; margin: 0 0 10px; }
+a { color: var(--accent); }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-size: 12px; text-transform: uppercase; letter-spacing: .4px; color: var(--muted); font-weight: 600; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+tbody tr:hover { background: #f0f3f9; }
+table.numeric td + td, table.numeric th + th { text-align: right; font-variant-numeric: tabular-nums; }
+.scroll { overflow-x: auto; }
+table.numeric th { text-transform: none; }
+.id, code, pre, time { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12.5px; }
+pre { background: #f3f4f7; border: 1px solid var(--line); border-radius: 4px; padding: 10px; overflow: auto;
+      max-height: 420px; white-space: pre-wrap; word-break: break-word; margin: 0; }
+.muted { color: var(--muted); }
+.error, .error-message { color: var(--bad); }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600;
+         background: #e6e8ee; color: #3a4152; }
+.chip { padding: 2px 10px; border-radius: 12px; border: 1px solid var(--line); text-decoration: none; font-size: 12px;
+        background: #fff; color: var(--fg); }
+.s-pending { background: #e3ecfd; color: #2f5bd3; }
+.s-running { background: #fdf1dc; color: #9a5b00; }
+.s-completed, .s-alive, .s-enabled { background: #dff3e7; color: var(--ok); }
+.s-failed, .s-stale { background: #fbe3e1; color: var(--bad); }
+.s-cancelled, .s-disabled { background: #ececec; color: #5b5f66; }
+.s-archived { background: #ece6f6; color: #5e3d99; }
+.s-expired { background: #f4e8dc; color: #8a5a2b; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { flex: 1 1 150px; border: 1px solid var(--line); border-radius: 6px; padding: 10px 14px; background: #fbfcfd; }
+.card .value { font-size: 24px; font-weight: 650; font-variant-numeric: tabular-nums; }
+.card .value a { text-decoration: none; }
+.card .label { color: var(--muted); font-size: 12px; }
+svg.chart { display: block; width: 100%; height: auto; }
+svg.chart .grid { stroke: #e3e6ec; stroke-width: 1; }
+svg.chart .axis { fill: var(--muted); font-size: 11px; }
+svg.chart .ok { fill: var(--ok); }
+svg.chart .bad { fill: var(--bad); }
+svg.chart .hit { fill: transparent; }
+svg.chart g:hover .hit { fill: #eef1f6; }
+.legend .key { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin: 0 4px 0 10px; }
+.shard-links a { margin-right: 6px; } .shard-links a.on { font-weight: 700; text-decoration: none; }
+.legend .key.ok { background: var(--ok); } .legend .key.bad { background: var(--bad); }
+form.filters { display: flex; gap: 14px; align-items: end; flex-wrap: wrap; margin-bottom: 10px; }
+form.filters label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); gap: 3px; }
+select, input, button { font: inherit; padding: 4px 8px; border: 1px solid #c5cad4; border-radius: 4px;
+                        background: #fff; }
+button { cursor: pointer; background: #eef1f6; }
+button.danger { color: var(--bad); border-color: #e3a6a1; }
+.chips { display: flex; gap: 6px; flex-wrap: wrap; }
+.chip.on { outline: 2px solid var(--accent); }
+.pager { display: flex; gap: 16px; align-items: center; margin-top: 10px; flex-wrap: wrap; }
+.pager .next { margin-left: auto; }
+.empty { color: var(--muted); padding: 16px 0; }
+dl.fields { display: grid; grid-template-columns: 170px 1fr; gap: 4px 12px; margin: 0 0 12px; }
+dl.fields dt { color: var(--muted); } dl.fields dd { margin: 0; }
+.actions { display: flex; gap: 8px; }
+form.action { display: inline; margin: 0; }
+.note { background: #fff8e6; border: 1px solid #f0dca8; padding: 8px 12px; border-radius: 4px; }
+.flash { background: #fbe3e1; border: 1px solid #eab3ae; padding: 8px 12px; border-radius: 4px; color: var(--bad); }
+ol.timeline { list-style: none; margin: 0; padding: 0 0 0 18px; border-left: 2px solid var(--line); }
+ol.timeline li { position: relative; padding: 4px 0 10px 12px; }
+ol.timeline .dot { position: absolute; left: -25px; top: 9px; width: 12px; height: 12px; border-radius: 50%;
+                   background: #9aa3b5; border: 2px solid #fff; }
+ol.timeline li.t-completed .dot { background: var(--ok); } ol.timeline li.t-failed .dot { background: var(--bad); }
+ol.timeline li.t-running .dot { background: var(--warn); } ol.timeline li.t-pending .dot { background: var(--accent); }
+ol.timeline .when { font-size: 12px; color: var(--muted); }
+main.detail { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; align-items: start; }
+main.detail section { margin: 0; }
+main.detail .flash, main.detail .sec-error { grid-column: 1 / -1; }
+footer { padding: 0 24px 24px; color: var(--muted); font-size: 12px; }
+footer p { margin: 4px 0; }
+#cost { font-weight: 600; color: var(--fg); }
+"""
+
+
+# -- serving --------------------------------------------------------------------------
+
+
+def make_server(queue, host="127.0.0.1", port=8080, allow_actions=False, *, refresh=_REFRESH, log=None,
+                debug=False):
+    """The dashboard's HTTP server, bound and ready (call serve_forever).
+    port=0 picks a free port; the URL is `server.url`.  `log`: where the
+    access log goes (default stderr)."""
+    import ipaddress
+    import socket
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    dashboard = _Dashboard(queue, allow_actions=allow_actions, refresh=refresh, log=log, debug=debug)
+    handler = type("DashboardHandler", (_HandlerMixin, BaseHTTPRequestHandler), {"dashboard": dashboard})
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True  # a slow browser must not hold up shutdown
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def server_close(self):
+            super().server_close()
+            dashboard.close()
+
+    server = Server((host, port), handler)
+    bound_host, bound_port = server.server_address[:2]
+    try:
+        dashboard.loopback_only = ipaddress.ip_address(bound_host).is_loopback
+    except ValueError:
+        dashboard.loopback_only = False
+    server.dashboard = dashboard
+    server.url = "http://%s:%d/" % ("[%s]" % bound_host if ":" in bound_host else bound_host, bound_port)
+    return server
+
+
+def serve(queue, host="127.0.0.1", port=8080, allow_actions=False, ready=None, **options):
+    """Serve the dashboard until Ctrl-C or SIGTERM.  `ready`: a
+    threading.Event set once the server listens (for tests)."""
+    return _serve_until_stopped(make_server(queue, host, port, allow_actions, **options), ready)
+
+
+def _serve_until_stopped(server, ready=None):
+    import signal
+
+    previous = {}
+
+    def stop(signum, frame):
+        # shutdown() waits for serve_forever, which runs in this thread: ask
+        # from another one.  Requests in flight run on daemon threads.
+        threading.Thread(target=server.shutdown, name="buquet-serve-stop", daemon=True).start()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        if ready is not None:
+            ready.set()
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.server_close()
+    return server
+
+
+def _add_serve_parser(sub):
+    help = "serve a web dashboard of the queue (read-only unless --allow-actions)"
+    c = sub.add_parser("serve", help=help, description=help + ". It has no login: keep it on loopback, or put it "
+                       "behind something that authenticates.")
+    c.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    c.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    c.add_argument("--allow-actions", action="store_true",
+                   help="allow cancel, replay, archive and running a schedule from the pages")
+    return c
+
+
+def _cmd_serve(args, out):
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port must be 0..65535, got %d" % args.port)
+    queue, _ = _queue_for(args)
+    try:
+        server = make_server(queue, args.host, args.port, args.allow_actions, debug=getattr(args, "debug", False))
+    except OSError as exc:
+        raise OSError("cannot listen on %s:%d: %s (choose another with --host/--port)"
+                      % (args.host, args.port, exc.strerror or exc)) from None
+    exposed = not server.dashboard.loopback_only
+    sys.stderr.write("buquet: dashboard on %s over %s (%s); Ctrl-C stops it\n" % (
+        server.url, queue.store, "actions allowed" if args.allow_actions else "read-only"))
+    if exposed:
+        sys.stderr.write("buquet: warning: %s is not a loopback address and the dashboard has no login: anyone "
+                         "who can reach it sees every task%s\n" % (args.host, " and can act on them"
+                                                                   if args.allow_actions else ""))
+    _serve_until_stopped(server)
+    sys.stderr.write("buquet: dashboard stopped\n")
+    return EXIT_OK
+
+
+_COMMANDS["serve"] = _cmd_serve
 
 
 if __name__ == "__main__":
