@@ -181,7 +181,7 @@ class TransportError(S3Error):
 # Credentials
 # ============================================================================
 
-# Credentials: the AWS SDK default chain, for the SigV4 client (merged into sigv4.py).
+# The AWS SDK default chain, for the SigV4 client.
 #
 # Resolution happens in two steps, and the split is deliberate:
 #
