@@ -556,6 +556,8 @@ def decode_task(body, etag=None, key=None):
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidTaskDocument("not JSON: %s" % exc) from None
+    except RecursionError:  # json nests by recursion: '[' * 100000
+        raise InvalidTaskDocument("not a task document: JSON nested too deeply") from None
     validate_task_document(doc)
     return Task(doc, etag, key)
 
@@ -3683,7 +3685,10 @@ def _toml_value(text, where):
     """One value of the small TOML reader: strings, integers, floats,
     booleans and arrays of these, which is what .buquet.toml uses."""
     text = text.strip()
-    value, rest = _toml_scan(text, 0, where)
+    try:
+        value, rest = _toml_scan(text, 0, where)
+    except RecursionError:  # arrays are read by recursion
+        raise ConfigError("%s: arrays nested too deeply" % where) from None
     rest = text[rest:].strip()
     if rest and not rest.startswith("#"):
         raise ConfigError("%s: unexpected %r after the value" % (where, rest[:20]))
@@ -3709,7 +3714,12 @@ def _toml_scan(text, i, where):
                     i += 2
                 elif nxt in ("u", "U"):
                     n = 4 if nxt == "u" else 8
-                    out.append(chr(int(text[i + 2:i + 2 + n], 16)))
+                    digits = text[i + 2:i + 2 + n]
+                    hex_ok = len(digits) == n and not digits.strip("0123456789abcdefABCDEF")
+                    code = int(digits, 16) if hex_ok else -1
+                    if not (0 <= code < 0xD800 or 0xDFFF < code <= 0x10FFFF):
+                        raise ConfigError("%s: bad escape %r (a Unicode scalar value in hex)" % (where, "\\" + nxt + digits))
+                    out.append(chr(code))
                     i += 2 + n
                 else:
                     raise ConfigError("%s: unknown escape \\%s" % (where, nxt))
@@ -4968,10 +4978,13 @@ def _doctor_cleanup(client, bucket, prefix, add):
             client.delete_object(bucket, v.key, version_id=vid)
         left = client.list_object_versions(bucket, prefix=prefix).versions
     except sigv4.S3Error:
-        left = []
-        for k in client.list_objects_v2(bucket, prefix=prefix).keys:
-            client.delete_object(bucket, k)
-        left = client.list_objects_v2(bucket, prefix=prefix).keys
+        try:
+            for k in client.list_objects_v2(bucket, prefix=prefix).keys:
+                client.delete_object(bucket, k)
+            left = client.list_objects_v2(bucket, prefix=prefix).keys
+        except sigv4.S3Error as exc:  # e.g. a wrong secret: report it, do not mask the checks' own error
+            add("cleanup", "warn", "could not clean up under %s: %s" % (prefix, exc))
+            return
     if left:
         add("cleanup", "warn", "%d objects left under %s" % (len(left), prefix))
     else:

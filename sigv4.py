@@ -1706,7 +1706,7 @@ def _read_response(rfile, method):
             raise _Disconnected("the connection closed without a reply")
         parts = line.decode("latin-1").split(None, 2)
         version = parts[0] if parts else ""
-        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isascii() and parts[1].isdigit() else 0
         if not version.startswith("HTTP/") or not 100 <= status <= 999:
             raise _BadReply("not an HTTP status line: %r" % (line[:80],))
         headers = {}
@@ -1733,10 +1733,10 @@ def _read_response(rfile, method):
         chunks = []
         while True:
             size_line = _readline(rfile).split(b";", 1)[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise _BadReply("bad chunk size %r" % (size_line[:20],)) from None
+            # Hex digits only (int() would take a sign, 0x or _), at most 2**64.
+            if not size_line or len(size_line) > 16 or size_line.strip(b"0123456789abcdefABCDEF"):
+                raise _BadReply("bad chunk size %r" % (size_line[:20],))
+            size = int(size_line, 16)
             if size == 0:
                 while _readline(rfile) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
@@ -1748,10 +1748,11 @@ def _read_response(rfile, method):
             rfile.read(2)  # the CRLF after each chunk
     length = headers.get("content-length")
     if length is not None:
-        try:
-            n = int(length)
-        except ValueError:
-            raise _BadReply("bad Content-Length %r" % (length,)) from None
+        # ASCII digits only (int() would take a sign, _ or other scripts' digits);
+        # more than 18 of them cannot be read anyway.
+        if not (length.isascii() and length.isdigit()) or len(length) > 18:
+            raise _BadReply("bad Content-Length %r" % (length[:40],))
+        n = int(length)
         data = rfile.read(n) if n > 0 else b""
         if len(data) < n:
             raise _BadReply("body cut short: %d of %d bytes" % (len(data), n))
@@ -1780,7 +1781,7 @@ def _parse_http_date(value):
         hh, mm, ss = parts[4].split(":")
         return datetime(int(parts[3]), _MONTHS[parts[2]], int(parts[1]), int(hh), int(mm), int(ss),
                         tzinfo=timezone.utc)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         return None
 
 
@@ -1891,10 +1892,29 @@ class ListObjectVersionsResult(_Record):
     __slots__ = ("versions", "date")
 
 
-def _xml_root(body):
+def _fromstring(body):
+    """ET.fromstring, failing only with ET.ParseError: an XML declaration
+    naming an unknown encoding raises LookupError from the parser."""
     import xml.etree.ElementTree as ET  # noqa: N817 - only replies with XML pay for it
 
-    root = ET.fromstring(body)
+    try:
+        return ET.fromstring(body)
+    except LookupError as exc:
+        raise ET.ParseError("unreadable XML: %s" % exc) from None
+
+
+def _malformed(operation, method, bucket, resp, call, *args):
+    """`call(*args)`, a parse of a success body; S3Error when it is not XML."""
+    try:
+        return call(*args)
+    except SyntaxError as exc:  # xml.etree.ElementTree.ParseError
+        raise S3Error("malformed %s reply (not XML: %s)" % (operation, exc), status=resp.status,
+                      code="MalformedReply", method=method, bucket=bucket,
+                      request_id=resp.headers.get("x-amz-request-id"), date=resp.date) from None
+
+
+def _xml_root(body):
+    root = _fromstring(body)
     # Drop namespaces: S3 answers with one, compatible servers sometimes not.
     for elem in root.iter():
         if isinstance(elem.tag, str) and "}" in elem.tag:
@@ -1942,9 +1962,7 @@ def _parse_error(status, body):
 def _parse_list_objects_v2(body, date):
     # The hot path of discovery: one pass over each entry's children, the
     # namespace matched as found instead of rewritten, dates left as text.
-    import xml.etree.ElementTree as ET  # noqa: N817 - only replies with XML pay for it
-
-    root = ET.fromstring(body)
+    root = _fromstring(body)
     ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     decode = unquote_plus if root.findtext(ns + "EncodingType") == "url" else str
     t_key, t_etag, t_size, t_date = ns + "Key", ns + "ETag", ns + "Size", ns + "LastModified"
@@ -1961,7 +1979,8 @@ def _parse_list_objects_v2(body, date):
                 size = child.text
             elif tag == t_date:
                 modified = child.text
-        contents.append(S3Object(decode(key or ""), etag, int(size) if size and size.isdigit() else None, modified))
+        size = int(size) if size and size.isascii() and size.isdigit() else None  # int() rejects '²'
+        contents.append(S3Object(decode(key or ""), etag, size, modified))
     prefixes = [decode(p.findtext(ns + "Prefix") or "") for p in root.iterfind(ns + "CommonPrefixes")]
     key_count = root.findtext(ns + "KeyCount")
     return ListObjectsV2Result(
@@ -1969,7 +1988,7 @@ def _parse_list_objects_v2(body, date):
         prefixes,
         (root.findtext(ns + "IsTruncated") or "false").strip().lower() == "true",
         root.findtext(ns + "NextContinuationToken"),
-        int(key_count) if key_count and key_count.isdigit() else len(contents),
+        int(key_count) if key_count and key_count.isascii() and key_count.isdigit() else len(contents),
         date,
     )
 
@@ -1989,7 +2008,7 @@ def _parse_list_object_versions(body):
             _text(item, "IsLatest", "false").strip().lower() == "true",
             item.tag == "DeleteMarker",
             _text(item, "ETag"),
-            int(size) if size and size.isdigit() else None,
+            int(size) if size and size.isascii() and size.isdigit() else None,
             _parse_timestamp(_text(item, "LastModified")),
         ))
     truncated = _text(root, "IsTruncated", "false").strip().lower() == "true"
@@ -2257,7 +2276,7 @@ class S3Client:
         headers = {"content-md5": base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii"),
                    "content-type": "application/xml"}
         resp = self._request("POST", bucket, params=[("delete", None)], headers=headers, body=body)
-        root = _xml_root(resp.body)
+        root = _malformed("DeleteObjects", "POST", bucket, resp, _xml_root, resp.body)
         return [(e.findtext("Key"), e.findtext("Code"), e.findtext("Message")) for e in root.iter("Error")]
 
     # -- listing --------------------------------------------------------------
@@ -2279,7 +2298,7 @@ class S3Client:
         params.append(("max-keys", str(int(max_keys))))
         params.sort()
         resp = self._request("GET", bucket, params=params)
-        return _parse_list_objects_v2(resp.body, resp.date)
+        return _malformed("ListObjectsV2", "GET", bucket, resp, _parse_list_objects_v2, resp.body, resp.date)
 
     def list_object_versions(self, bucket, *, prefix=""):
         """Every version and delete marker under `prefix`, all pages
@@ -2298,7 +2317,8 @@ class S3Client:
             params.sort()
             resp = self._request("GET", bucket, params=params)
             date = resp.date
-            page, truncated, key_marker, version_marker = _parse_list_object_versions(resp.body)
+            page, truncated, key_marker, version_marker = _malformed(
+                "ListObjectVersions", "GET", bucket, resp, _parse_list_object_versions, resp.body)
             versions.extend(page)
             if not truncated or not (key_marker or version_marker):
                 return ListObjectVersionsResult(versions, date)
@@ -2317,7 +2337,7 @@ class S3Client:
     def get_bucket_versioning(self, bucket):
         """'Enabled', 'Suspended', or None for a bucket never versioned."""
         resp = self._request("GET", bucket, params=[("versioning", None)])
-        return _parse_versioning(resp.body)
+        return _malformed("GetBucketVersioning", "GET", bucket, resp, _parse_versioning, resp.body)
 
     def put_bucket_versioning(self, bucket, status="Enabled"):
         if status not in ("Enabled", "Suspended"):
