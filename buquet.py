@@ -3149,10 +3149,11 @@ class Worker:
             self._supervise(slots)
         finally:
             self._shutdown(housekeeping)
-            for sig, handler in previous.items():
+            if previous:
                 import signal
 
-                signal.signal(sig, handler)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         return 0
 
     def _slot_loop(self):
@@ -4496,12 +4497,9 @@ def _cmd_stats(args, out):
 
 
 def _list_with_etags(queue, prefix):
-    """{key: etag} of a prefix when the store can say (S3, memory, local),
-    else {key: None}."""
-    lister = getattr(queue.store, "list_etags", None)
-    if lister is not None:
-        return lister(prefix)
-    keys, start, out = [], None, {}
+    """{key: None} for every key of a prefix: the stores list no ETags, so
+    tail compares the ETags of the documents it reads."""
+    start, out = None, {}
     while True:
         page, truncated = queue.store.list(prefix, start_after=start, limit=1000)
         for k in page:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from helpers import Clock
 
 import buquet
 from buquet import (
@@ -40,22 +41,9 @@ IDS = [
 MISSING = "0a7f9e3c-2b1d-4c6e-9f80-1a2b3c4d5e6f"
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, start=START):
-        self.now = start
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += timedelta(seconds=seconds)
-
-
 @pytest.fixture
 def clock():
-    return Clock()
+    return Clock(START)
 
 
 @pytest.fixture

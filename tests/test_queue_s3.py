@@ -5,7 +5,6 @@ bucket is inspected with boto3 (the fixtures' client), never with buquet.
 Races run on SeaweedFS only: moto's conditional PUT is not atomic.
 """
 
-import json
 import multiprocessing
 import socket
 import threading
@@ -15,6 +14,7 @@ from datetime import timedelta
 from email.utils import parsedate_to_datetime
 
 import pytest
+from helpers import bucket_keys, connect, read_doc
 
 import buquet
 import sigv4
@@ -23,28 +23,11 @@ from buquet import InvalidTransition, LeaseMismatch, RetryPolicy
 FAST = RetryPolicy(100, 1000, 2.0, 0.0)
 
 
-def connect(t, **options):
-    return buquet.connect(bucket=t.bucket, endpoint=t.endpoint, region=t.region,
-                          credentials=sigv4.Credentials(t.access_key, t.secret_key), **options)
-
-
 @pytest.fixture
 def queue(s3):
     q = connect(s3)
     yield q
     q.close()
-
-
-def bucket_keys(t, prefix=""):
-    client = t.client()
-    out = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=t.bucket, Prefix=prefix):
-        out.extend(obj["Key"] for obj in page.get("Contents", ()))
-    return sorted(out)
-
-
-def read_doc(t, key):
-    return json.loads(t.client().get_object(Bucket=t.bucket, Key=key)["Body"].read())
 
 
 def wait_until_due(queue, task):

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
+from helpers import Clock
 
 from buquet import (
     AsyncQueue,
@@ -42,22 +43,9 @@ START = datetime(2026, 1, 27, 8, 59, 30, tzinfo=UTC)  # a Tuesday, 30 s before 0
 NINE = datetime(2026, 1, 27, 9, 0, tzinfo=UTC)
 
 
-class Clock:
-    """The store's clock (S3's time for the queue), moved by hand."""
-
-    def __init__(self, start=START):
-        self.now = start
-
-    def __call__(self):
-        return self.now
-
-    def set(self, when):
-        self.now = when
-
-
 @pytest.fixture
 def clock():
-    return Clock()
+    return Clock(START)
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from helpers import bucket_keys, connect, read_doc
 
 import buquet
 import cron
-import sigv4
 from buquet import ScheduleError, Scheduler
 
 UTC = timezone.utc
@@ -32,32 +32,11 @@ ORIGINAL_APP = Path(__file__).resolve().parent / "original_app.py"
 ORIGINAL_VERSION = "0.1.0"
 
 
-def connect(t):
-    return buquet.connect(bucket=t.bucket, endpoint=t.endpoint, region=t.region,
-                          credentials=sigv4.Credentials(t.access_key, t.secret_key))
-
-
 @pytest.fixture
 def queue(s3):
     q = connect(s3)
     yield q
     q.close()
-
-
-def bucket_keys(t, prefix=""):
-    client = t.client()
-    out = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=t.bucket, Prefix=prefix):
-        out.extend(obj["Key"] for obj in page.get("Contents", ()))
-    return sorted(out)
-
-
-def raw(t, key):
-    return t.client().get_object(Bucket=t.bucket, Key=key)["Body"].read()
-
-
-def read_doc(t, key):
-    return json.loads(raw(t, key))
 
 
 def put_raw(t, key, body):
