@@ -1,6 +1,9 @@
 """Helpers shared by test modules (plain functions; fixtures live in conftest.py)."""
 
 import json
+import threading
+import time
+from contextlib import contextmanager
 from datetime import timedelta
 
 import buquet
@@ -44,3 +47,34 @@ class Clock:
 
     def set(self, when):
         self.now = when
+
+
+def wait_for(predicate, timeout=5.0, interval=0.01, what="condition"):
+    """predicate()'s first truthy value, polled until `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("%s not met within %.1f s" % (what, timeout))
+
+
+@contextmanager
+def running(worker, join_timeout=20):
+    """Run the worker in a thread for the body of the with block, then stop
+    it and check that run() returned 0."""
+    result = {}
+
+    def target():
+        result["code"] = worker.run(install_signal_handlers=False)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        worker.stop()
+        thread.join(join_timeout)
+        assert not thread.is_alive(), "the worker did not stop"
+    assert result.get("code") == 0

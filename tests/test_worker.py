@@ -15,11 +15,11 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from datetime import timedelta, timezone
 from pathlib import Path
 
 import pytest
+from helpers import running, wait_for
 
 import buquet
 from buquet import (
@@ -87,36 +87,6 @@ def make_worker(queue, worker_id="w1", shards=None, **options):
                     grace_period=5.0, concurrency=1)
     settings.update(options)
     return Worker(queue, worker_id, shards, **settings)
-
-
-@contextmanager
-def running(worker):
-    """Run the worker in a thread for the body of the with block, then stop
-    it and check that run() returned 0."""
-    result = {}
-
-    def target():
-        result["code"] = worker.run(install_signal_handlers=False)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        worker.stop()
-        thread.join(15)
-        assert not thread.is_alive(), "the worker did not stop"
-    assert result.get("code") == 0
-
-
-def wait_for(predicate, timeout=5.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met within %.1f s" % timeout)
 
 
 def status_of(queue, task):

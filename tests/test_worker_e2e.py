@@ -16,10 +16,11 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import running
+from helpers import wait_for as _wait_for
 
 import buquet
 import sigv4
@@ -58,32 +59,8 @@ def make_worker(queue, worker_id="w-test", shards=None, **options):
     return Worker(queue, worker_id, shards, **settings)
 
 
-@contextmanager
-def running(worker):
-    result = {}
-
-    def target():
-        result["code"] = worker.run(install_signal_handlers=False)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        worker.stop()
-        thread.join(20)
-        assert not thread.is_alive(), "the worker did not stop"
-    assert result.get("code") == 0
-
-
 def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("%s not met within %.0f s" % (what, timeout))
+    return _wait_for(predicate, timeout, interval, what)
 
 
 def status_of(queue, task_id):
