@@ -1743,7 +1743,7 @@ class Queue:
         re-read and re-apply (the transition re-checks state and lease), up
         to `attempts` writes.  Returns the new Task."""
         current = task
-        for _ in range(attempts):
+        for attempt in range(1, attempts + 1):
             if event in _FINISHING and current.doc.get("cancel_requested"):
                 # Cancellation was requested while the handler ran: whatever
                 # it returned, the task ends cancelled.
@@ -1754,17 +1754,20 @@ class Queue:
                 etag = self.store.put(current.key, body, if_match=current.etag)
             except UncertainWrite:
                 latest, _ = self._read(current.key)
-                if latest is not None and encode_task(latest.doc) == body:
-                    etag = latest.etag
-                else:
-                    current = self._reread(current)
+                if latest is None or encode_task(latest.doc) != body:
+                    if attempt == attempts:
+                        break
+                    current = latest or self._reread(current)  # (re-read only to raise)
                     continue
+                etag = latest.etag  # the first attempt had been applied
             except ConflictError:
+                if attempt == attempts:
+                    break  # no read that nothing would use
                 current = self._reread(current)
                 continue
             self._reindex(current.doc, new_doc, also_delete)
             return Task(new_doc, etag, current.key)
-        raise ConflictError("task %s changed under %s %d times; gave up" % (task.doc["id"], event, attempts))
+        raise ConflictError("task %s kept changing under %s (%d attempts); gave up" % (task.doc["id"], event, attempts))
 
     def _reread(self, task):
         latest, reason = self._read(task.key)

@@ -594,7 +594,7 @@ def test_a_task_that_keeps_changing_gives_up_with_a_conflict(queue, store):
     store.put = always_behind
     with pytest.raises(ConflictError) as exc:
         queue.complete(claimed, None)
-    assert str(exc.value) == "task %s changed under complete 8 times; gave up" % task.id
+    assert str(exc.value) == "task %s kept changing under complete (8 attempts); gave up" % task.id
 
 
 # ============================================================================
@@ -1086,3 +1086,16 @@ def test_an_unreadable_idempotency_record_is_reported(queue, store):
         queue.submit("charge", {}, idempotency_key="k1")
     assert str(exc.value) == ("idempotency record %s is unreadable ('expires_at'); delete it to reuse the key"
                               % idempotency_key("charge", "k1")[0])
+
+
+def test_a_single_attempt_write_that_loses_its_race_reads_nothing_more(queue, store):
+    queue.submit("t", {})
+    claimed = queue.claim_next(worker_id="w")
+    queue.extend_lease(claimed, 30)  # moves the ETag: `claimed` is now stale
+    fresh(store)
+
+    with pytest.raises(ConflictError) as exc:
+        queue._write(claimed, "extend_lease", lease_id=claimed.lease_id, seconds=10, attempts=1)
+
+    assert str(exc.value) == "task %s kept changing under extend_lease (1 attempts); gave up" % claimed.id
+    assert store.requests == {"PUT": 1}  # the losing write, and no re-read nothing would use
