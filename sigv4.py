@@ -33,10 +33,7 @@ Environment read here: AWS credential variables and files (see
 (and their lowercase forms).
 """
 
-import hashlib
-import hmac
 import os
-import random
 import re
 import socket
 import sys
@@ -44,6 +41,16 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+
+# SHA-256 from CPython's own module: hashlib would load OpenSSL's, 2.5 ms of
+# every cold start, for payloads of a few kilobytes.
+try:
+    from _sha2 import sha256 as _sha256  # Python 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256 as _sha256  # Python 3.9 to 3.11
+    except ImportError:  # a build without them
+        from hashlib import sha256 as _sha256
 
 __all__ = [
     "CredentialProvider",
@@ -1222,11 +1229,39 @@ class _URL:
 
 
 def _sha256_hex(data):
-    return hashlib.sha256(data).hexdigest()
+    return _sha256(data).hexdigest()
+
+
+def _content_md5(body):
+    """The Content-MD5 header DeleteObjects and PutBucketVersioning require."""
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
+
+
+def _random():
+    """random.random(); the random module (2 ms to import) loads when a retry
+    first needs a jitter."""
+    import random
+
+    return random.random()
+
+
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+def _hmac_sha256(key, msg):
+    """HMAC-SHA256 (RFC 2104) of bytes; hmac would bring hashlib along."""
+    if len(key) > 64:
+        key = _sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return _sha256(key.translate(_OPAD) + _sha256(key.translate(_IPAD) + msg).digest())
 
 
 def _hmac(key, msg):
-    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+    return _hmac_sha256(key, msg.encode("utf-8")).digest()
 
 
 def _amz_date(now):
@@ -1332,7 +1367,7 @@ def signing_key(secret_key, datestamp, region, service):
 
 
 def signature(key, to_sign):
-    return hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    return _hmac_sha256(key, to_sign.encode("utf-8")).hexdigest()
 
 
 def _host_header(parts):
@@ -1578,8 +1613,11 @@ class _Transport:
         proxy = self._proxy_for(scheme, host, port)
         sock = None
         try:
-            sock = socket.create_connection((proxy.host, proxy.port) if proxy else (host, port),
-                                            self.connect_timeout)
+            target = proxy.host if proxy else host
+            # An ASCII name given as bytes spares getaddrinfo the idna codec
+            # (2 ms of a cold start); other names take the codec's road.
+            target = target.encode("ascii") if target.isascii() else target
+            sock = socket.create_connection((target, proxy.port if proxy else port), self.connect_timeout)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
@@ -2075,7 +2113,7 @@ class S3Client:
         environ=None,
         on_reply=None,
         sleep=time.sleep,
-        rand=random.random,
+        rand=None,
     ):
         environ = os.environ if environ is None else environ
         if endpoint is None:
@@ -2101,7 +2139,7 @@ class S3Client:
         )
         self._on_reply = on_reply
         self._sleep = sleep
-        self._rand = rand
+        self._rand = rand or _random
         # Local clock minus server clock, learnt from RequestTimeTooSkewed
         # replies so that signing keeps working on a host with a bad clock.
         self._skew = timedelta(0)
@@ -2268,13 +2306,11 @@ class S3Client:
             return []
         if len(keys) > 1000:
             raise ValueError("delete_objects(): at most 1000 keys per request, got %d" % len(keys))
-        import base64
         from xml.sax.saxutils import escape
 
         body = ('<Delete xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Quiet>true</Quiet>%s</Delete>' % "".join(
             "<Object><Key>%s</Key></Object>" % escape(k) for k in keys)).encode("utf-8")
-        headers = {"content-md5": base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii"),
-                   "content-type": "application/xml"}
+        headers = {"content-md5": _content_md5(body), "content-type": "application/xml"}
         resp = self._request("POST", bucket, params=[("delete", None)], headers=headers, body=body)
         root = _malformed("DeleteObjects", "POST", bucket, resp, _xml_root, resp.body)
         return [(e.findtext("Key"), e.findtext("Code"), e.findtext("Message")) for e in root.iter("Error")]
@@ -2346,10 +2382,7 @@ class S3Client:
             '<VersioningConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
             "<Status>%s</Status></VersioningConfiguration>" % status
         ).encode("utf-8")
-        md5 = hashlib.md5(body).digest()
-        import base64
-
-        headers = {"content-md5": base64.b64encode(md5).decode("ascii")}
+        headers = {"content-md5": _content_md5(body)}
         return self._request("PUT", bucket, params=[("versioning", None)], headers=headers, body=body)
 
 
