@@ -53,10 +53,8 @@ sigv4.resolve_credentials), BUQUET_ALLOW_NO_VERSIONING (accepted, no effect:
 versioning is optional here).
 """
 
-import hashlib
 import json
 import os
-import random
 import re
 import sys
 import threading
@@ -340,7 +338,17 @@ def new_uuid():
 
 
 def sha256_tag(text):
+    import hashlib  # 2.5 ms; a plain submit never needs it
+
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _random():
+    """random.random(); the random module (2 ms to import) loads when first
+    needed, which a producer's submit never does."""
+    import random
+
+    return random.random()
 
 
 # ============================================================================
@@ -840,6 +848,8 @@ class Version:
 
 def _etag(body):
     # S3's ETag of a single-part upload: the quoted MD5 of the body.
+    import hashlib
+
     return '"%s"' % hashlib.md5(body, usedforsecurity=False).hexdigest()
 
 
@@ -977,6 +987,8 @@ def _decode_segment(encoded):
 
 
 def _hashed_name(encoded):
+    import hashlib
+
     return _HASHED + hashlib.sha256(encoded.encode("ascii")).hexdigest()
 
 
@@ -1360,6 +1372,12 @@ class LocalStore:
         raise VersioningUnavailable("the local store keeps no object versions")
 
 
+# A first submit stamps the task with the local time and checks it against the
+# PUT reply's Date (whole seconds) rather than paying a clock probe first; it
+# rewrites the task with the server's time only when the two are further apart.
+CLOCK_TOLERANCE = 0.5
+
+
 class _ServerClock:
     """The server's time, learnt from the `Date` header of replies (whole
     seconds) and carried forward by the local monotonic clock.
@@ -1367,10 +1385,16 @@ class _ServerClock:
     Each reply stamped D, sent at local instant s and received at r, bounds
     the offset (server - monotonic) to [D - r, D + 1 - s]; intersecting the
     bounds of many replies pins it well below a second.  Disjoint bounds mean
-    one of the clocks jumped: start again from the newest reply."""
+    one of the clocks jumped: start again from the newest reply.
 
-    def __init__(self, monotonic=time.monotonic):
+    Within the bounds the local wall clock is the best guess: hosts kept by
+    NTP then agree to the millisecond, where midpoints could differ by half a
+    second (a task submitted on one could look not yet due on another).  A
+    wall clock outside the bounds is wrong, and the midpoint stands in."""
+
+    def __init__(self, monotonic=time.monotonic, wall=time.time):
         self._monotonic = monotonic
+        self._wall = wall
         self._lo = None
         self._hi = None
         self._last = None  # the latest value now() returned
@@ -1390,12 +1414,34 @@ class _ServerClock:
     def synced(self):
         return self._lo is not None
 
+    def provisional(self):
+        """(now, agreed): now() without waiting for a reply, the local time
+        before the first; agreed() tells after a reply whether that time was
+        within CLOCK_TOLERANCE of the server's (None: the time is the server's)."""
+        if self.synced:
+            return self.now(), None
+        mono, wall = self._monotonic(), self._wall()
+
+        def agreed():
+            with self._lock:
+                if self._lo is None or not self._lo - CLOCK_TOLERANCE <= wall - mono <= self._hi + CLOCK_TOLERANCE:
+                    return False
+                if self._last is None or self._last < wall:
+                    self._last = wall  # later times never precede it
+            return True
+
+        return datetime.fromtimestamp(wall, timezone.utc), agreed
+
     def now(self):
         # Never backwards: narrowing the bounds moves the midpoint (by up to
         # half a second in a process's first moments), and a task seen due,
         # or timestamps written in sequence, must stay in order.
         with self._lock:
-            t = self._monotonic() + (self._lo + self._hi) / 2.0
+            mono = self._monotonic()
+            offset = self._wall() - mono
+            if not self._lo <= offset <= self._hi:
+                offset = (self._lo + self._hi) / 2.0
+            t = mono + offset
             if self._last is not None and t < self._last:
                 t = self._last
             self._last = t
@@ -1435,6 +1481,9 @@ class S3Store:
         if isinstance(exc, sigv4.ConflictError):
             return ConflictError(str(exc))
         return StoreError(str(exc))
+
+    def provisional_now(self):
+        return self.clock.provisional()
 
     def now(self):
         if not self.clock.synced:
@@ -1647,7 +1696,7 @@ class Queue:
         self.store = store
         self.shard_prefix_len = min(max(int(shard_prefix_len), 1), 4)
         self.shards = all_shards(self.shard_prefix_len)
-        self._rand = rand or random.random
+        self._rand = rand or _random
         self._max_threads = max_threads
         self._pool = None
         self._pool_lock = threading.Lock()
@@ -1869,8 +1918,8 @@ class Queue:
             scope = self._scope(idempotency_scope, task_type)
             _uint(idempotency_ttl_days, "idempotency_ttl_days", 1)
             return self._submit_idempotent(build, task_type, input, idempotency_key, scope, idempotency_ttl_days)
-        doc = build(new_uuid(), self.now())
-        return self._create(doc)
+        now, agreed = self._provisional_now()
+        return self._create(build(new_uuid(), now), build if agreed else None, agreed)
 
     @staticmethod
     def _scope(scope, task_type):
@@ -1880,7 +1929,13 @@ class Queue:
             return "queue"
         return _check_name(scope, "idempotency_scope")
 
-    def _create(self, doc):
+    def _provisional_now(self):
+        """(now, agreed): the store's time without waiting for its clock, and
+        a check of it for after the next reply (None if it is exact already)."""
+        guess = getattr(self.store, "provisional_now", None)
+        return guess() if guess is not None else (self.now(), None)
+
+    def _create(self, doc, rebuild=None, agreed=None):
         key = task_key(doc["shard"], doc["id"])
         body = encode_task(doc)
         try:
@@ -1893,6 +1948,20 @@ class Queue:
                 return existing  # created by a racer with the same (record-given) id
             else:
                 raise
+        if agreed is not None and not agreed():
+            # Stamped with a local clock that is off the server's: restamp it
+            # before an index key makes it visible.
+            fixed = rebuild(doc["id"], self.now())
+            try:
+                etag = self.store.put(key, encode_task(fixed), if_match=etag)
+                doc = fixed
+            except (ConflictError, UncertainWrite):
+                existing, _ = self._read(key)
+                if existing is None:
+                    raise
+                if encode_task(existing.doc) not in (body, encode_task(fixed)):
+                    return existing  # a sweeper found it first, and indexed it
+                doc, etag = existing.doc, existing.etag
         self._reindex(None, doc)
         return Task(doc, etag, key)
 
@@ -2584,7 +2653,7 @@ class TaskContext:
 class _Poller:
     """The adaptive sleep between empty polls (pure apart from `rand`)."""
 
-    def __init__(self, floor, cap, growth=POLL_GROWTH, rand=random.random):
+    def __init__(self, floor, cap, growth=POLL_GROWTH, rand=_random):
         if not 0 < floor <= cap:
             raise ValueError("poll interval bounds must satisfy 0 < poll_min <= poll_max, got %r and %r"
                              % (floor, cap))
@@ -2748,7 +2817,11 @@ class Worker:
         self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval")
         self.monitor_interval = _seconds(monitor_interval, "monitor_interval")
         self.sweep_interval = _seconds(sweep_interval, "sweep_interval")
-        self._rand = rand or random.Random().random
+        if rand is None:
+            import random
+
+            rand = random.Random().random
+        self._rand = rand
         self._poller = _Poller(_seconds(poll_min, "poll_min"), _seconds(poll_max, "poll_max"), rand=self._rand)
         # Our own Queue over the same store: index upkeep goes to a background
         # thread here without changing the caller's queue.
@@ -4741,6 +4814,8 @@ def _cmd_demo(args, out):
     nothing configured, the local directory store)."""
     queue, _ = _queue_for(args)
     total = args.tasks
+    import random
+
     rng = random.Random()
     policy = {"initial_interval_ms": 300, "max_interval_ms": 1000, "multiplier": 2.0, "jitter_percent": 0.2}
     tasks = queue.submit_many([{"task_type": "demo.thumbnail", "input": {"image": "photo-%03d.jpg" % i},

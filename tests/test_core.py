@@ -1084,3 +1084,52 @@ def test_the_server_clock_never_goes_backwards_when_a_reply_narrows_it():
     assert clock.now() == seen
     mono.value = 10.4
     assert clock.now() == at("2026-01-27T12:00:05.800000")
+
+
+def test_before_any_reply_the_server_clock_offers_the_local_time_provisionally():
+    mono = _Monotonic(10.0)
+    clock = buquet._ServerClock(monotonic=mono, wall=lambda: at("2026-01-27T12:00:05.300000").timestamp())
+
+    now, agreed = clock.provisional()
+    clock.observe(at("2026-01-27T12:00:05"), 10.0, 10.1)  # offset in [D - 10.1, D + 1 - 10]
+
+    assert now == at("2026-01-27T12:00:05.300000")
+    assert agreed() is True
+    assert clock.now() == now  # the wall clock lies within the bounds: it is the time
+
+
+@pytest.mark.parametrize("local, agrees", [
+    ("2026-01-27T12:00:05.000000", True),   # inside [D, D + 1]
+    ("2026-01-27T12:00:04.600000", True),   # 0.4 s early: within the 0.5 s tolerance
+    ("2026-01-27T12:00:06.400000", True),   # 0.4 s late: within it
+    ("2026-01-27T12:00:04.400000", False),  # 0.6 s early
+    ("2026-01-27T12:00:08.000000", False),  # 2 s late
+])
+def test_a_provisional_time_agrees_only_within_the_tolerance_of_the_servers_bounds(local, agrees):
+    clock = buquet._ServerClock(monotonic=_Monotonic(10.0), wall=lambda: at(local).timestamp())
+
+    now, agreed = clock.provisional()
+    assert agreed() is False  # no reply yet: nothing to agree with
+    clock.observe(at("2026-01-27T12:00:05"), 10.0, 10.0)  # offset in [D - 10, D - 9]
+
+    assert agreed() is agrees
+    if agrees:  # later times never precede the one handed out
+        assert clock.now() >= now
+
+
+def test_once_synced_the_provisional_time_is_the_servers():
+    clock = buquet._ServerClock(monotonic=_Monotonic(10.0), wall=lambda: 0.0)
+    clock.observe(at("2026-01-27T12:00:05"), 10.0, 10.0)
+
+    assert clock.provisional() == (at("2026-01-27T12:00:05.500000"), None)
+
+
+def test_the_server_clock_takes_the_local_wall_clock_when_it_lies_within_the_bounds():
+    mono = _Monotonic(10.0)
+    wall = _Monotonic(at("2026-01-27T12:00:05.123000").timestamp())
+    clock = buquet._ServerClock(monotonic=mono, wall=wall)
+    clock.observe(at("2026-01-27T12:00:05"), 10.0, 10.0)  # server time in [05, 06] at monotonic 10
+
+    assert clock.now() == at("2026-01-27T12:00:05.123000")  # not the midpoint 05.5
+    wall.value = at("2026-01-27T12:00:07").timestamp()  # the wall clock stepped out of the bounds
+    assert clock.now() == at("2026-01-27T12:00:05.500000")

@@ -94,6 +94,54 @@ def test_submit_writes_the_task_and_its_ready_entry_with_two_puts(queue, store):
     assert doc(store, task) == task.doc
 
 
+class _LearningStore(MemoryStore):
+    """A store that, like S3Store, learns its clock from replies: submit may
+    stamp with a provisional time, checked by `agreed` after the first PUT."""
+
+    def __init__(self, clock, provisional, agreed):
+        super().__init__(clock=clock)
+        self._provisional, self._agreed = provisional, agreed
+
+    def provisional_now(self):
+        return self._provisional, self._agreed
+
+
+def test_a_provisional_time_the_store_agrees_with_costs_nothing_extra(clock):
+    early = START - timedelta(seconds=0.3)
+    store = _LearningStore(clock, early, lambda: True)
+
+    task = Queue(store).submit("t", {})
+
+    assert store.requests == {"PUT": 2}
+    assert (task.created_at, task.available_at) == (early, early)
+    assert keys(store, "ready/") == [ready_key(task.shard, early, task.id)]
+
+
+def test_a_provisional_time_the_store_disagrees_with_is_rewritten_before_the_ready_entry(clock):
+    store = _LearningStore(clock, START + timedelta(hours=1), lambda: False)
+
+    task = Queue(store).submit("t", {}, delay=10)
+
+    assert store.requests == {"PUT": 3}
+    assert (task.created_at, task.available_at) == (START, START + timedelta(seconds=10))
+    assert doc(store, task) == task.doc
+    assert keys(store, "ready/") == [ready_key(task.shard, START + timedelta(seconds=10), task.id)]
+
+
+def test_a_task_changed_before_its_restamp_is_left_to_whoever_changed_it(clock):
+    def claimed_meanwhile():  # a sweeper indexed the new task and a worker claimed it
+        (key,) = keys(store, "tasks/")
+        Queue(store).claim(key.rsplit("/", 1)[1][:-5], "w1")
+        return False
+
+    store = _LearningStore(clock, START, claimed_meanwhile)
+
+    task = Queue(store).submit("t", {})
+
+    assert task.status == "running"
+    assert doc(store, task) == task.doc
+
+
 def test_a_submitted_document_matches_the_spec_example_byte_for_byte(queue, store):
     task = queue.submit("send_email", {"to": "a@example.com"})
 

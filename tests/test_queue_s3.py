@@ -99,6 +99,41 @@ def test_the_first_now_probes_the_server_once(s3):
     assert timedelta(0) <= second - first < timedelta(seconds=1)
 
 
+def _count_replies(queue):
+    replies = []
+    observe = queue.store.client._on_reply
+    queue.store.client._on_reply = lambda *a: (replies.append(a), observe(*a))
+    return replies
+
+
+def test_a_first_submit_stamps_with_the_local_clock_and_needs_no_probe(s3):
+    queue = connect(s3)
+    replies = _count_replies(queue)
+
+    task = queue.submit("t", {"n": 1})
+
+    assert len(replies) == 2  # the task and its ready entry: no clock probe
+    server = replies[0][0]  # the Date of the task PUT's reply
+    assert timedelta(seconds=-2) <= task.created_at - server <= timedelta(seconds=2)
+    assert read_doc(s3, task.key)["created_at"] == buquet.format_timestamp(task.created_at)
+
+
+def test_a_first_submit_from_a_host_whose_clock_is_off_restamps_the_task_before_indexing_it(s3):
+    queue = connect(s3)
+    queue.store.clock._wall = lambda: time.time() + 3600  # an hour ahead of the server
+    replies = _count_replies(queue)
+
+    task = queue.submit("t", {"n": 1}, ttl=60)
+
+    assert len(replies) == 3  # task, task again with the server's time, ready entry
+    server = replies[0][0]
+    assert timedelta(seconds=-2) <= task.created_at - server <= timedelta(seconds=2)
+    assert task.expires_at - task.created_at == timedelta(seconds=60)
+    assert read_doc(s3, task.key) == task.doc
+    assert bucket_keys(s3, "ready/") == [buquet.ready_key(task.shard, task.available_at, task.id)]
+    assert queue.claim(task.id, "w1") is not None  # due now by the server's clock, not in an hour
+
+
 # ============================================================================
 # The lifecycle on both servers
 # ============================================================================
