@@ -32,6 +32,7 @@ The fixtures use boto3 (installed with moto) to create buckets, never the code u
 """
 
 import atexit
+import glob
 import os
 import re
 import shutil
@@ -482,6 +483,51 @@ def moto_s3(moto_server, request) -> S3Target:
 def seaweed_s3(seaweedfs_server, request) -> S3Target:
     """A fresh bucket on SeaweedFS."""
     return _fresh_bucket(seaweedfs_server, request)
+
+
+# ==== The original buquet =====================================================
+
+ORIGINAL_VERSION = "0.1.0"  # PyPI, CPython 3.12 wheels only
+
+
+def _fail_or_skip(reason: str) -> None:
+    if os.environ.get("BUQUET_REQUIRE_ORIGINAL") == "1":  # CI: a missing original is a failure
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def original_python(tmp_path_factory) -> str:
+    """The interpreter of a venv with the original buquet installed, made once per session
+    (BUQUET_ORIGINAL_PYTHON names one that exists already)."""
+    given = os.environ.get("BUQUET_ORIGINAL_PYTHON")
+    if given:
+        return given
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12.*/bin/python")))
+    python312 = found[-1] if found else shutil.which("python3.12")
+    if not python312:
+        _fail_or_skip("the original buquet needs Python 3.12: none in ~/.pyenv/versions or on PATH")
+    venv = tmp_path_factory.mktemp("original") / "venv"
+    started = time.monotonic()
+    for argv in ([python312, "-m", "venv", str(venv)],
+                 [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                  "buquet==%s" % ORIGINAL_VERSION]):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            _fail_or_skip("cannot install the original buquet: %s: %s" % (" ".join(argv), exc))
+        if done.returncode != 0:
+            _fail_or_skip("cannot install the original buquet: %s exited %d:\n%s"
+                          % (" ".join(argv), done.returncode, done.stderr[-2000:]))
+    python = str(venv / "bin" / "python")
+    # -I and the venv as working directory: not ours from the current directory.
+    check = subprocess.run([python, "-I", "-c", "import buquet; print(buquet.__version__)"],
+                           capture_output=True, text=True, timeout=60, cwd=str(venv))
+    if check.stdout.strip() != ORIGINAL_VERSION:
+        _fail_or_skip("the installed original does not import: %s" % (check.stderr[-2000:] or check.stdout))
+    sys.stderr.write("\n[original] venv with buquet==%s made in %.1f s\n"
+                     % (ORIGINAL_VERSION, time.monotonic() - started))
+    return python
 
 
 # ==== Hooks ==================================================================

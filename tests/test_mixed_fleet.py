@@ -42,7 +42,6 @@ failure (for CI, which has both).  BUQUET_ORIGINAL_PYTHON may name the
 interpreter of a venv that already has the original installed.
 """
 
-import glob
 import hashlib
 import json
 import os
@@ -68,48 +67,10 @@ pytestmark = [pytest.mark.versioned]
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FLEET_SCRIPT = HERE / "original_fleet.py"
-ORIGINAL_VERSION = "0.1.0"
 NO_JITTER = {"initial_interval_ms": 100, "max_interval_ms": 1000, "multiplier": 2.0, "jitter_percent": 0.0}
 
 
-# ==== The original, in its own venv ============================================
-
-
-def _fail_or_skip(reason):
-    if os.environ.get("BUQUET_REQUIRE_ORIGINAL") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def original_python(tmp_path_factory):
-    """The interpreter of a venv with the original buquet installed (made once)."""
-    given = os.environ.get("BUQUET_ORIGINAL_PYTHON")
-    if given:
-        return given
-    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12.*/bin/python")))
-    if not found:
-        _fail_or_skip("the original buquet needs Python 3.12: no ~/.pyenv/versions/3.12.*/bin/python")
-    venv = tmp_path_factory.mktemp("orig") / "venv"
-    started = time.monotonic()
-    for argv in ([found[-1], "-m", "venv", str(venv)],
-                 [str(venv / "bin" / "pip"), "install", "-q", "buquet==%s" % ORIGINAL_VERSION]):
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            _fail_or_skip("cannot install the original buquet: %s: %s" % (" ".join(argv), exc))
-        if done.returncode != 0:
-            _fail_or_skip("cannot install the original buquet: %s exited %d:\n%s"
-                          % (" ".join(argv), done.returncode, done.stderr[-2000:]))
-    python = str(venv / "bin" / "python")
-    # -I: not ours from the current directory.
-    check = subprocess.run([python, "-I", "-c", "import buquet; print(buquet.__version__)"],
-                           capture_output=True, text=True, timeout=60, cwd=str(venv))
-    if check.stdout.strip() != ORIGINAL_VERSION:
-        _fail_or_skip("the installed original does not import: %s" % (check.stderr[-2000:] or check.stdout))
-    sys.stderr.write("\n[mixed fleet] venv with buquet==%s made in %.1f s\n"
-                     % (ORIGINAL_VERSION, time.monotonic() - started))
-    return python
+# ==== The original (its venv: conftest.original_python) ========================
 
 
 class OriginalError(Exception):

@@ -7,15 +7,13 @@ boto3, never with buquet.
 
 The original (PyPI `buquet` 0.1.0, Python 3.12 only) is installed once per session in a
 venv under pytest's temporary directory and driven through tests/original_app.py; without
-a Python 3.12 (pyenv or PATH) those tests are skipped. It needs bucket versioning, hence
+a Python 3.12 (pyenv or PATH) those tests are skipped (CI fails instead). It needs bucket versioning, hence
 @pytest.mark.versioned, and SeaweedFS (it cannot connect to moto).
 """
 
-import glob
 import json
 import multiprocessing
 import os
-import shutil
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,7 +27,6 @@ from buquet import ScheduleError, Scheduler
 
 UTC = timezone.utc
 ORIGINAL_APP = Path(__file__).resolve().parent / "original_app.py"
-ORIGINAL_VERSION = "0.1.0"
 
 
 @pytest.fixture
@@ -163,31 +160,6 @@ def test_schedulers_in_four_processes_submit_each_due_time_exactly_once(seaweed_
 # ============================================================================
 # Shared with the original buquet 0.1.0
 # ============================================================================
-
-
-def _python312():
-    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12.*/bin/python")))
-    if found:
-        return found[-1]
-    return shutil.which("python3.12")
-
-
-@pytest.fixture(scope="session")
-def original_python(tmp_path_factory):
-    """The interpreter of a venv with the original buquet installed (once per session)."""
-    python = _python312()
-    if python is None:
-        pytest.skip("the original buquet needs Python 3.12: none found in ~/.pyenv/versions or on PATH")
-    venv = tmp_path_factory.mktemp("original-buquet") / "venv"
-    steps = [[python, "-m", "venv", str(venv)],
-             [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-              "buquet==%s" % ORIGINAL_VERSION]]
-    for argv in steps:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.skip("cannot install the original buquet %s (%s): %s"
-                        % (ORIGINAL_VERSION, " ".join(argv[-2:]), done.stderr.strip()[-500:]))
-    return str(venv / "bin" / "python")
 
 
 def run_original(python, target, commands, cwd):
