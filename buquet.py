@@ -2835,6 +2835,7 @@ class Worker:
         self._wake = threading.Condition(self._lock)
         self._poll_lock = threading.Lock()
         self._quiet_until = 0.0  # monotonic time before which an empty poll is not repeated
+        self._poll_error = None  # in drain mode: the poll that failed, raised by run()
         self._fleet_due = 0.0  # monotonic time of the next look at workers/ (when busy)
         self._stopping = threading.Event()
         self._claimed = 0
@@ -2927,6 +2928,8 @@ class Worker:
                                 self._refresh_fleet()
                         except BuquetError as exc:  # S3 unreachable: back off, keep the slots alive
                             _warn("poll failed: %s", exc)
+                            if self.drain:  # "nothing ready" is unknown: a drain run has failed
+                                self._poll_error = exc
                             found = 0
                         if not found:
                             self._quiet_until = time.monotonic() + self._poller.next_sleep()
@@ -3209,6 +3212,11 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, self._on_signal)
         self._stopping.clear()
+        self._poll_error = None
+        # A run looks at once, whatever the last one's poll timer said (a warm
+        # Lambda invoked again a second after draining must not skip its look).
+        self._quiet_until = 0.0
+        self._poller.reset()
         self._index_stop = False
         self._index_thread = threading.Thread(target=self._index_loop, name="buquet-index", daemon=True)
         self._index_thread.start()
@@ -3230,6 +3238,8 @@ class Worker:
 
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+        if self._poll_error is not None:
+            raise self._poll_error
         return 0
 
     def _slot_loop(self):

@@ -217,6 +217,8 @@ def test_a_cli_session_with_a_wrong_secret_never_prints_it(seaweed_s3, tmp_path)
     session.check()
     failed = [label for label, code in session.codes.items() if code != 0]
     assert any("submit" in label for label in failed), session.codes
+    # A drain run that could not look at the queue fails; it does not report it empty.
+    assert [code for label, code in session.codes.items() if " worker " in label] == [1], session.codes
     for label, out in session.parts:  # without --debug, errors are one line, never a traceback
         assert "--debug" in label or "Traceback" not in out, label + ":\n" + out[-2000:]
     text = "".join(t for _, t in session.parts)

@@ -882,6 +882,24 @@ def test_drain_mode_on_an_empty_queue_returns_at_once(queue):
     assert time.monotonic() - started < 1
 
 
+def test_drain_mode_fails_when_a_poll_fails_instead_of_calling_the_queue_empty(queue, store):
+    # A cron job or Lambda must not report success when it could not look at the queue
+    # (a wrong secret, a missing bucket); the S3 client has already retried by then.
+    worker = make_worker(queue, drain=True, worker_id="drainer")
+    worker.task("t")(lambda input: None)
+    task = queue.submit("t", {})
+    store.failing_lists = 1
+
+    with pytest.raises(StoreError) as e:
+        worker.run(install_signal_handlers=False)
+
+    assert str(e.value) == "LIST ready/: connection refused (simulated)"
+    assert status_of(queue, task) == "pending"
+    assert store.get(worker_key("drainer")) is None  # deregistered all the same
+    assert worker.run(install_signal_handlers=False) == 0  # the next run starts afresh
+    assert status_of(queue, task) == "completed"
+
+
 def test_run_without_handlers_is_an_error_that_says_what_to_do(queue):
     worker = make_worker(queue, worker_id="w-none")
     with pytest.raises(BuquetError) as e:
@@ -911,6 +929,21 @@ def test_the_lambda_handler_drains_the_queue_and_returns_early_when_it_is_empty(
     assert time.monotonic() - started < 3
     assert result == {"worker_id": "w1", "completed": 5, "failed": 0, "stopped_early": False}
     assert all(status_of(queue, t) == "completed" for t in tasks)
+
+
+def test_a_warm_lambda_invoked_again_at_once_looks_at_the_queue_again(queue):
+    # The worker object outlives an invocation in a warm Lambda; the last empty poll's
+    # back-off (up to poll_max) must not make the next invocation return without a look.
+    worker = make_worker(queue, poll_min=5.0, poll_max=5.0)
+    worker.task("t")(lambda input: input)
+    assert worker.lambda_handler({}, FakeLambdaContext(30000))["completed"] == 0
+    task = queue.submit("t", {"n": 1})
+
+    started = time.monotonic()
+    result = worker.lambda_handler({}, FakeLambdaContext(30000))
+
+    assert time.monotonic() - started < 3
+    assert result["completed"] == 1 and status_of(queue, task) == "completed"
 
 
 def test_the_lambda_handler_requeues_what_still_runs_before_the_deadline(queue):
