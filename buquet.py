@@ -3217,6 +3217,8 @@ class Worker:
         # Lambda invoked again a second after draining must not skip its look).
         self._quiet_until = 0.0
         self._poller.reset()
+        with self._lock:  # max_tasks and the counts are per run (per Lambda invocation)
+            self._claimed = self.completed = self.failed = 0
         self._index_stop = False
         self._index_thread = threading.Thread(target=self._index_loop, name="buquet-index", daemon=True)
         self._index_thread.start()

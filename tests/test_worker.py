@@ -946,6 +946,16 @@ def test_a_warm_lambda_invoked_again_at_once_looks_at_the_queue_again(queue):
     assert result["completed"] == 1 and status_of(queue, task) == "completed"
 
 
+def test_max_tasks_and_the_counts_are_per_run(queue):
+    worker = make_worker(queue, max_tasks=2)
+    worker.task("t")(lambda input: input)
+    tasks = [queue.submit("t", {"n": n}) for n in range(4)]
+
+    assert worker.lambda_handler({}, FakeLambdaContext(30000))["completed"] == 2
+    assert worker.lambda_handler({}, FakeLambdaContext(30000))["completed"] == 2
+    assert all(status_of(queue, t) == "completed" for t in tasks)
+
+
 def test_the_lambda_handler_requeues_what_still_runs_before_the_deadline(queue):
     release = threading.Event()
 
