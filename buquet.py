@@ -1372,12 +1372,6 @@ class LocalStore:
         raise VersioningUnavailable("the local store keeps no object versions")
 
 
-# A first submit stamps the task with the local time and checks it against the
-# PUT reply's Date (whole seconds) rather than paying a clock probe first; it
-# rewrites the task with the server's time only when the two are further apart.
-CLOCK_TOLERANCE = 0.5
-
-
 class _ServerClock:
     """The server's time, learnt from the `Date` header of replies (whole
     seconds) and carried forward by the local monotonic clock.
@@ -1416,15 +1410,17 @@ class _ServerClock:
 
     def provisional(self):
         """(now, agreed): now() without waiting for a reply, the local time
-        before the first; agreed() tells after a reply whether that time was
-        within CLOCK_TOLERANCE of the server's (None: the time is the server's)."""
+        before the first; agreed() tells after a reply whether that time lay
+        within the server's bounds (None: the time is the server's already).
+        A first submit stamps with it and rewrites only when it did not, which
+        spares every short-lived producer a clock probe."""
         if self.synced:
             return self.now(), None
         mono, wall = self._monotonic(), self._wall()
 
         def agreed():
             with self._lock:
-                if self._lo is None or not self._lo - CLOCK_TOLERANCE <= wall - mono <= self._hi + CLOCK_TOLERANCE:
+                if self._lo is None or not self._lo <= wall - mono <= self._hi:
                     return False
                 if self._last is None or self._last < wall:
                     self._last = wall  # later times never precede it
