@@ -3,7 +3,7 @@
 
 Both implementations run in one run, on one SeaweedFS server, each in its own
 processes and on fresh buckets (versioning Enabled), each behind its own
-counting proxy (benchmarks/latency_proxy.py, in this process), so every S3
+counting proxy (tests/s3proxy.py, in this process), so every S3
 request either implementation sends is counted by kind and status:
 
 1. idle cost: one idle worker at default settings, requests/s over a window
@@ -59,10 +59,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 OUT = os.path.join(HERE, "out")
 sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))  # the suite's proxy, tests/s3proxy.py
 
 import sigv4  # noqa: E402  (setup only: buckets and versioning, straight to the server)
-from latency_proxy import LatencyProxy  # noqa: E402
+from s3proxy import S3Proxy  # noqa: E402
 
 REGION = "us-east-1"
 ACCESS_KEY = "fleet-bench-key"
@@ -479,7 +479,7 @@ class Bench:
         log("SeaweedFS at %s", self.server.endpoint)
         self.admin = sigv4.S3Client(endpoint=self.server.endpoint, region=REGION, credentials=self.creds)
         for impl in IMPLS:
-            self.proxies[impl] = LatencyProxy("127.0.0.1", self.server.port, seed=self.args.seed).start()
+            self.proxies[impl] = S3Proxy("127.0.0.1", self.server.port, seed=self.args.seed).start()
 
     def find_original(self):
         if self.args.orig_python:
@@ -630,7 +630,7 @@ class Bench:
         before = proxy.snapshot()
         time.sleep(window)
         after = proxy.snapshot()
-        idle = LatencyProxy.diff(after, before)
+        idle = S3Proxy.diff(after, before)
         idle["req_per_s"] = idle["total"] / idle["seconds"]
         log("%s idle: %.2f requests/s %s", impl, idle["req_per_s"], idle["kinds"])
 
@@ -731,10 +731,10 @@ class Bench:
         per_n = Counter(n for n, _, _ in starts)
         last_done = max(t for _, t, _ in done) if done else t_end
         first_start = min(t for _, t, _ in starts) if starts else t_end
-        work = LatencyProxy.diff(s3, s1)
-        until_done = LatencyProxy.diff(s2, s1)
-        submit = LatencyProxy.diff(s1, s_conn)
-        connect = LatencyProxy.diff(s_conn, s0)
+        work = S3Proxy.diff(s3, s1)
+        until_done = S3Proxy.diff(s2, s1)
+        submit = S3Proxy.diff(s1, s_conn)
+        connect = S3Proxy.diff(s_conn, s0)
         res = {
             "impl": impl, "processes": n_procs, "tasks": n_tasks, "latency_ms": latency_ms,
             "jitter_ms": jitter_ms if latency_ms else 0, "completed": len(done_n), "all_done": bool(ok),
@@ -803,7 +803,7 @@ class Bench:
                 r = subprocess.run([self.python[impl], "-c", COLD[impl]], env=env, cwd=self.scratch,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 wall = time.perf_counter() - t
-                reqs = LatencyProxy.diff(self.proxies[impl].snapshot(), before)
+                reqs = S3Proxy.diff(self.proxies[impl].snapshot(), before)
                 if i == 0:
                     continue
                 bare[impl].append(b)
@@ -1072,7 +1072,7 @@ def report(res):
         "start %s. Ours: Python %s, `%s` (git %s, buquet.py sha256 %s). Original: buquet %s on Python %s. %s. "
         "Both implementations ran in this one run against the same SeaweedFS server, each in its own processes, "
         "on fresh buckets with versioning Enabled, each behind its own counting proxy "
-        "(`benchmarks/latency_proxy.py`). Workers run at default settings, all 16 shards."
+        "(`tests/s3proxy.py`). Workers run at default settings, all 16 shards."
         % (" --quick" if m.get("quick") else "", m.get("started_utc"), m.get("duration_s", 0), m.get("nproc"),
            m.get("cpu"), m.get("kernel"), " ".join("%.2f" % x for x in m.get("loadavg_at_start", ())),
            m.get("python_ours"), m.get("buquet_ours"), m.get("git"), m.get("sha256", {}).get("buquet.py"),
