@@ -3517,10 +3517,21 @@ class _Schedules:
         if timezone is not None:
             doc["timezone"] = timezone
         try:
-            etag = self.store.put(schedule_key(schedule_id), dumps(doc).encode("utf-8"), if_none_match=True)
+            etag = self._put_decided(schedule_key(schedule_id), dumps(doc).encode("utf-8"), if_none_match=True)
         except ConflictError:
             raise ScheduleError("Schedule already exists: %s" % schedule_id) from None
         return Schedule(doc, etag)
+
+    def _put_decided(self, key, body, **condition):
+        """A conditional put whose lost reply is decided by a re-read: our
+        bytes there mean it was applied; anything else, that it lost."""
+        try:
+            return self.store.put(key, body, **condition)
+        except UncertainWrite as exc:
+            blob = self.store.get(key)
+            if blob is not None and blob.body == body:
+                return blob.etag
+            raise ConflictError(str(exc)) from None
 
     def get_schedule(self, schedule_id):
         blob = self.store.get(schedule_key(schedule_id))
@@ -3565,7 +3576,7 @@ class _Schedules:
             current = self._schedule(schedule_id)
             doc = dict(current.doc, enabled=enabled, updated_at=format_timestamp(self.now()))
             try:
-                etag = self.store.put(schedule_key(schedule_id), dumps(doc).encode("utf-8"), if_match=current.etag)
+                etag = self._put_decided(schedule_key(schedule_id), dumps(doc).encode("utf-8"), if_match=current.etag)
                 return Schedule(doc, etag)
             except ConflictError:
                 continue

@@ -18,13 +18,15 @@ The client (`S3Client`) speaks the handful of S3 calls a task queue needs,
 named after the S3 API.  It keeps one persistent connection per thread and
 host, verifies TLS by default (`AWS_CA_BUNDLE`, `SSL_CERT_FILE`), honours
 `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`, and retries throttling, 5xx and
-broken connections with capped exponential backoff and full jitter.
+broken connections (and 409 ConditionalRequestConflict) with capped
+exponential backoff and full jitter.
 
 Errors: every failure is an `S3Error` (one line: what, where, why, what to
 check).  Lost conditional writes are `ConflictError`.  A conditional write
-whose retry answered 412 after an earlier attempt may have reached the server
-is `UncertainWriteError`: it may have succeeded, so the caller must re-read
-and decide.  Credentials never appear in errors, reprs or logs.
+that may have reached the server in an earlier attempt, and whose retry
+answered 412 or whose attempts all went unanswered, is `UncertainWriteError`:
+it may have succeeded, so the caller must re-read and decide.  Credentials
+never appear in errors, reprs or logs.
 
 Environment read here: AWS credential variables and files (see
 `resolve_credentials`), `AWS_REGION`, `AWS_DEFAULT_REGION`,
@@ -91,8 +93,14 @@ _UNSIGNED_HEADERS = frozenset(
 # "not processed"; 500/502/504 may have been applied before the reply broke.
 _RETRY_STATUSES = frozenset((500, 502, 503, 504))
 _RETRY_CODES = frozenset(
-    ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed")
+    ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
+     # 409 to a conditional write: another one on the key is in progress, this
+     # one was not applied; S3 says to try again (and the retry then wins or
+     # meets 412).
+     "ConditionalRequestConflict")
 )
+# Replies that say the request was not applied, so retrying cannot apply it twice.
+_NOT_APPLIED_CODES = frozenset(("SlowDown", "ConditionalRequestConflict", "RequestTimeTooSkewed"))
 _MAX_ERROR_BODY = 64 * 1024
 _USER_AGENT = "buquet-sigv4/1"
 
@@ -2227,12 +2235,17 @@ class S3Client:
                 if code == "RequestTimeTooSkewed" and date is not None:
                     self._skew = datetime.now(timezone.utc) - date
                 if retryable and attempt < self.max_attempts:
-                    if not (status == 503 or code == "SlowDown"):
+                    if not (status == 503 or code in _NOT_APPLIED_CODES):
                         may_have_applied = True
                     self._sleep(self._backoff(attempt))
                     continue
                 raise self._error(status, code, message, err_args, conditional_write, may_have_applied)
             if attempt >= self.max_attempts:
+                if conditional_write and may_have_applied:
+                    raise UncertainWriteError(
+                        "no reply after %d attempts (%s): the write may have been applied; re-read to decide"
+                        % (attempt, _describe(last_exc)),
+                        code=type(last_exc).__name__, method=method, bucket=bucket, key=key) from last_exc
                 raise TransportError(
                     "no reply after %d attempts: %s" % (attempt, _describe(last_exc)),
                     code=type(last_exc).__name__, method=method, bucket=bucket, key=key,
@@ -2241,7 +2254,7 @@ class S3Client:
 
     @staticmethod
     def _error(status, code, message, err_args, conditional_write, may_have_applied):
-        lost = status == 412 or (status == 409 and code == "ConditionalRequestConflict")
+        lost = status == 412
         if conditional_write and status == 404 and code in ("NoSuchKey", "NotFound"):
             lost = True
         if conditional_write and lost:

@@ -661,15 +661,34 @@ def test_a_plain_412_with_no_earlier_failure_is_a_conflict(stand_in):
     assert len(stand_in.requests) == 1 and c._sleep.sleeps == []
 
 
-def test_a_409_conditional_request_conflict_is_a_conflict(stand_in):
-    # AWS may answer a racing conditional write this way; no local server does.
-    stand_in.then(s3_error(409, "ConditionalRequestConflict", "A conflicting operation occurred."))
+def test_a_409_conditional_request_conflict_is_retried_and_the_retry_decides(stand_in):
+    # AWS answers a conditional write racing another on the key this way, having applied
+    # neither; it says to try again. No local server does. The retry's 412 is a plain
+    # lost race: the 409'd attempt cannot have been applied.
+    conflict = s3_error(409, "ConditionalRequestConflict", "A conflicting operation occurred.")
+    stand_in.then(conflict).then(s3_error(412, "PreconditionFailed"))
+    stand_in.then(conflict).then(conflict).then(reply(200, headers={"ETag": '"e1"'}))
     c = _stand_in_client(stand_in)
 
     with pytest.raises(ConflictError) as info:
         c.put_object("bucket", "k", b"x", if_none_match="*")
+    assert (info.value.status, info.value.code) == (412, "PreconditionFailed")
+    assert type(info.value) is ConflictError  # not UncertainWriteError
+
+    assert c.put_object("bucket", "k", b"x", if_none_match="*").etag == '"e1"'
+    assert len(stand_in.requests) == 5
+
+
+def test_a_409_conditional_request_conflict_on_every_attempt_is_no_lost_race(stand_in):
+    for _ in range(3):  # max_attempts
+        stand_in.then(s3_error(409, "ConditionalRequestConflict", "A conflicting operation occurred."))
+    c = _stand_in_client(stand_in)
+
+    with pytest.raises(S3Error) as info:
+        c.put_object("bucket", "k", b"x", if_none_match="*")
 
     assert (info.value.status, info.value.code) == (409, "ConditionalRequestConflict")
+    assert not isinstance(info.value, ConflictError)  # nothing was decided: not "it exists"
 
 
 def test_a_412_on_an_unconditional_request_is_not_a_conflict(stand_in):
