@@ -239,6 +239,9 @@ def parse_timestamp(text):
     if m is None:
         raise ValueError("not an RFC 3339 timestamp with an offset: %r" % (text,))
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    if m.group(10) and (int(m.group(11)) > 23 or int(m.group(12)) > 59):
+        # chrono refuses these too: an offset is less than a day, its minutes less than an hour.
+        raise ValueError("timestamp %r is out of range: the offset must be at most 23:59" % (text,))
     leap = second == 60  # chrono accepts a leap second; Python cannot hold it
     frac = m.group(7) or ""
     micro = int(frac[:6].ljust(6, "0")) if frac else 0
@@ -1454,6 +1457,10 @@ class S3Store:
         import sigv4
 
         self._sigv4 = sigv4
+        if not isinstance(bucket, str) or not bucket or any(c == "/" or c.isspace() or ord(c) < 32 for c in bucket):
+            # "bucket/sub" would put every key under sub/ in `bucket`, where no listing finds it.
+            raise ValueError("bucket must be a bucket name without '/', spaces or control characters, got %r"
+                             % (bucket,))
         self.bucket = bucket
         self.clock = _ServerClock()
         self._batch_delete = True
@@ -1640,17 +1647,26 @@ def _uint(value, name, minimum=0, limit=_U32):
     return value
 
 
+# serde_json, the original's reader, stops at a document's 128th level of
+# nesting; the task document is the first, so an input or output may have 126
+# (checked against the original: 126 reads, 127 fails "recursion limit exceeded").
+_MAX_NESTING = 126
+
+
 def _check_json(value, name):
     """The value's compact JSON, or ValueError naming where it is not JSON."""
-    def walk(v, path):
+    def walk(v, path, depth=1):
+        if isinstance(v, (dict, list, tuple)) and depth > _MAX_NESTING:
+            raise ValueError("%s is nested more than %d levels deep at %s (the original cannot read that)"
+                             % (name, _MAX_NESTING, path[:60] + ("..." if len(path) > 60 else "")))
         if isinstance(v, dict):
             for k, item in v.items():
                 if not isinstance(k, str):
                     raise ValueError("%s: object keys must be strings, got %r at %s" % (name, k, path))
-                walk(item, "%s[%r]" % (path, k))
+                walk(item, "%s[%r]" % (path, k), depth + 1)
         elif isinstance(v, (list, tuple)):
             for i, item in enumerate(v):
-                walk(item, "%s[%d]" % (path, i))
+                walk(item, "%s[%d]" % (path, i), depth + 1)
         elif isinstance(v, bool) or v is None or isinstance(v, str):
             pass
         elif isinstance(v, int):
@@ -3155,7 +3171,8 @@ class Worker:
     # -- running -----------------------------------------------------------------------
 
     def stop(self):
-        """Stop claiming; running handlers get the grace period to finish."""
+        """Stop claiming; running handlers get the grace period to finish.
+        Called while no run is in progress, it ends the next run at once."""
         self._stopping.set()
         with self._lock:
             self._wake.notify_all()
@@ -3207,7 +3224,6 @@ class Worker:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, self._on_signal)
-        self._stopping.clear()
         self._poll_error = None
         # A run looks at once, whatever the last one's poll timer said (a warm
         # Lambda invoked again a second after draining must not skip its look).
@@ -3236,6 +3252,9 @@ class Worker:
 
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+            # Cleared here, not at the start: a stop() that comes before a run
+            # (a watchdog, a signal during start-up) ends that run at once.
+            self._stopping.clear()
         if self._poll_error is not None:
             raise self._poll_error
         return 0
@@ -3311,6 +3330,7 @@ class Worker:
         reserve = margin if margin is not None else max(5.0, budget * 0.1)
         deadline = time.monotonic() + budget - reserve
         self.drain = True
+        self._stopping.clear()  # a late timer of the last invocation is no stop() of this one
         timer = threading.Timer(max(0.0, budget - reserve), self.stop)
         timer.daemon = True
         timer.start()
@@ -3534,6 +3554,7 @@ class _Schedules:
             raise ConflictError(str(exc)) from None
 
     def get_schedule(self, schedule_id):
+        _check_name(schedule_id, "schedule id")  # no schedule can have another id
         blob = self.store.get(schedule_key(schedule_id))
         return None if blob is None else _decode_schedule(blob.body, blob.etag)
 
@@ -3772,6 +3793,27 @@ class ConfigError(BuquetError):
     """A configuration file or value that cannot be used."""
 
 
+def _hex_shards(value):
+    return bool(value) and all(isinstance(s, str) and 0 < len(s) <= 4 and not s.strip("0123456789abcdef")
+                               for s in value)
+
+
+# setting -> (test, what is expected): ranges, checked wherever a value comes
+# from (a file or a variable), so that none is clamped or read as "unset".
+_SETTING_RANGES = {
+    "shard_prefix_len": (lambda v: 1 <= v <= 4, "an integer 1..4"),
+    "concurrency": (lambda v: 1 <= v <= 1024, "an integer 1..1024"),
+    "poll_min_ms": (lambda v: v >= 1, "a positive integer"),
+    "poll_max_ms": (lambda v: v >= 1, "a positive integer"),
+    "poll_interval_ms": (lambda v: v >= 1, "a positive integer"),
+    "grace_period": (lambda v: 0 <= v <= _MAX_SECONDS, "a number of seconds >= 0"),
+    "heartbeat": (lambda v: 0 < v <= _MAX_SECONDS, "a number of seconds > 0"),
+    "monitor_interval": (lambda v: 0 < v <= _MAX_SECONDS, "a number of seconds > 0"),
+    "sweep_interval": (lambda v: 0 <= v <= _MAX_SECONDS, "a number of seconds >= 0 (0: no sweep)"),
+    "shards": (_hex_shards, "a non-empty list of hex shards such as 0, 1, a, f"),
+}
+
+
 _TOML_BARE = _LazyRe(r"[A-Za-z0-9_-]+\Z")
 _TOML_TOKEN = _LazyRe(r"[^\s,\]#]+")
 _TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
@@ -3884,7 +3926,7 @@ def _toml_closed(text, where):
         _toml_scan(text, 0, where)
     except _TomlUnterminated:
         return False
-    except ConfigError:
+    except (ConfigError, RecursionError):
         pass  # another error: reported when the value is read
     return True
 
@@ -3913,11 +3955,14 @@ def parse_toml(text, name="<config>"):
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("%s: %s" % (name, exc)) from None
+        except RecursionError:  # tomllib reads nested values by recursion
+            raise ConfigError("%s: values nested too deeply" % name) from None
     return _parse_toml_small(text, name)
 
 
 def _parse_toml_small(text, name):
     root = table = {}
+    declared = set()  # table headers seen: each may appear once
     lines = text.splitlines()
     n = 0
     while n < len(lines):
@@ -3935,7 +3980,11 @@ def _parse_toml_small(text, name):
             if end < 0 or (rest and not rest.startswith("#")):
                 raise ConfigError("%s: bad table header %r" % (where, line))
             table = root
-            for part in _toml_key(line[1:end], where):
+            parts = _toml_key(line[1:end], where)
+            if tuple(parts) in declared:
+                raise ConfigError("%s: table [%s] defined twice" % (where, ".".join(parts)))
+            declared.add(tuple(parts))
+            for part in parts:
                 table = table.setdefault(part, {})
                 if not isinstance(table, dict):
                     raise ConfigError("%s: %r is not a table" % (where, part))
@@ -4013,6 +4062,9 @@ def _check_setting(table, key, value, where, config):
         expected = {str: "a string", int: "an integer", bool: "true or false", list: "an array"}.get(
             kind, "a number")
         raise ConfigError("%s: %s.%s must be %s, got %r" % (where, table, key, expected, value))
+    test, expected = _SETTING_RANGES.get(effect, (None, None))
+    if test is not None and not test(value):
+        raise ConfigError("%s: %s.%s must be %s, got %r" % (where, table, key, expected, value))
     if effect is None:
         config.warnings.append("%s: %s.%s is accepted for compatibility with the original and has no "
                                "effect here" % (where, table, key))
@@ -4075,6 +4127,8 @@ def load_config(*, profile=None, config_file=None, cwd=None, environ=None):
                 data = parse_toml(f.read(), path)
         except OSError as exc:
             raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError("cannot read %s: not UTF-8 text (%s)" % (path, exc)) from None
         config.files.append(path)
         values, names = _flatten_file(data, path, profile, config)
         known_profiles |= names
@@ -4087,9 +4141,12 @@ def load_config(*, profile=None, config_file=None, cwd=None, environ=None):
         if raw is None or raw == "":
             continue
         if name == "shards":
-            value = [s.strip() for s in raw.split(",") if s.strip()]
+            value = [s.strip() for s in raw.split(",")]
         elif name in ("force_path_style", "no_monitor"):
-            value = raw.strip().lower() in ("1", "true", "yes", "on")
+            word = raw.strip().lower()
+            if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError("%s must be true or false (1/0, yes/no, on/off), got %r" % (var, raw))
+            value = word in ("1", "true", "yes", "on")
         elif name in ("shard_prefix_len", "concurrency", "poll_min_ms", "poll_max_ms"):
             try:
                 value = int(raw)
@@ -4102,6 +4159,9 @@ def load_config(*, profile=None, config_file=None, cwd=None, environ=None):
                 raise ConfigError("%s must be a number of seconds, got %r" % (var, raw)) from None
         else:
             value = raw
+        test, expected = _SETTING_RANGES.get(name, (None, None))
+        if test is not None and not test(value):
+            raise ConfigError("%s must be %s, got %r" % (var, expected, raw))
         config.set(name, value, "$" + var)
     if config.get("no_monitor"):
         config.set("monitor", False, config.sources["no_monitor"])
@@ -4169,15 +4229,36 @@ def parse_rfc3339(text):
                          "or 2026-01-28T10:00:00+01:00, got %r" % (text,)) from None
 
 
+# Deeper JSON cannot be checked and written without running into the
+# interpreter's recursion limit (which some Pythons' json.loads reaches first).
+_MAX_JSON_DEPTH = 500
+
+
+def _json_depth(value):
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [v for c in level if isinstance(c, (dict, list)) for v in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
 def _json_arg(text, name):
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        deep = _json_depth(value) > _MAX_JSON_DEPTH
     except ValueError as exc:
         raise UsageError("%s must be JSON, got %r (%s)" % (name, text, exc)) from None
+    except RecursionError:  # not a ValueError
+        deep = True
+    if deep:  # the text can be long: a glimpse of it
+        raise UsageError("%s must be JSON, got %r (nested too deeply)" % (name, text[:20] + "..."))
+    return value
 
 
 def _shards_arg(text, queue):
-    shards = [s.strip() for s in text.split(",") if s.strip()] if isinstance(text, str) else list(text)
+    shards = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    if not all(shards):  # "", "0,,1", "0,": a list typed or pasted wrong
+        raise UsageError("expected shards like 0,1,2,3, got %r" % (text,))
     for s in shards:
         if s not in queue.shards:
             raise UsageError("shard must be one of %s..%s, got %r" % (queue.shards[0], queue.shards[-1], s))
@@ -4383,6 +4464,12 @@ def _one_line(exc):
 
 
 def _config_for(args):
+    # An empty value is an unset variable in a script ("--local-dir $DIR"),
+    # never a wish for the default.
+    for name in ("profile", "config", "bucket", "endpoint", "region", "local_dir"):
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            raise UsageError("--%s must not be empty" % name.replace("_", "-"))
     config = load_config(profile=args.profile, config_file=args.config)
     for name in ("bucket", "endpoint", "region", "local_dir"):
         value = getattr(args, name, None)
@@ -4456,8 +4543,8 @@ def _cmd_simple(operation):
 
 def _cmd_list(args, out):
     queue, _ = _queue_for(args)
-    shard = args.shard or args.shard_opt
-    shards = [shard] if shard else queue.shards
+    shard = args.shard if args.shard is not None else args.shard_opt
+    shards = [shard] if shard is not None else queue.shards
     for s in shards:
         queue._check_shard(s)
     tasks = []
@@ -4604,9 +4691,18 @@ def _list_with_etags(queue, prefix):
         start = page[-1]
 
 
+def _positive_interval(text):
+    interval = parse_duration(text)
+    if interval <= 0:
+        raise UsageError("--interval must be more than 0s, got %r" % (text,))
+    return interval
+
+
 def _cmd_tail(args, out):
+    interval = _positive_interval(args.interval)
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1, got %d" % args.limit)
     queue, _ = _queue_for(args)
-    interval = parse_duration(args.interval)
     seen = {}  # key -> the ETag last seen, from the listing or, when it has none, from the read
     shown = 0
     first = True
@@ -4722,27 +4818,30 @@ def _load_app(spec):
 
 
 def _cmd_worker(args, out):
+    if args.id is not None:
+        _check_name(args.id, "worker_id")  # Worker() would take "" for "make one up"
     app = _load_app(args.app)
     config = _config_for(args)
     queue = queue_from_config(config) if (config.get("bucket") or config.get("local_dir")) else app._queue
-    shards = _shards_arg(args.shards, queue) if args.shards else (
+    shards = _shards_arg(args.shards, queue) if args.shards is not None else (
         _shards_arg(config.get("shards"), queue) if config.get("shards") else app.shards)
 
     def seconds(flag, setting_ms, current):
-        if flag:
+        if flag is not None:
             return parse_duration(flag)
         return config.get(setting_ms) / 1000.0 if config.get(setting_ms) else current
 
     poll_min = seconds(args.poll_min, "poll_min_ms", app._poller.floor)
     poll_max = seconds(args.poll_max, "poll_max_ms", app._poller.cap)
-    if config.get("poll_strategy") == "fixed" and config.get("poll_interval_ms") and not (args.poll_min or args.poll_max):
+    if config.get("poll_strategy") == "fixed" and config.get("poll_interval_ms") and args.poll_min is None \
+            and args.poll_max is None:
         poll_min = poll_max = config.get("poll_interval_ms") / 1000.0
     worker = Worker(
-        queue, args.id or app.worker_id, shards,
-        concurrency=args.concurrency or config.get("concurrency") or app.concurrency,
+        queue, args.id if args.id is not None else app.worker_id, shards,
+        concurrency=args.concurrency if args.concurrency is not None else config.get("concurrency", app.concurrency),
         poll_min=poll_min, poll_max=poll_max,
-        max_tasks=args.max_tasks or app.max_tasks, drain=args.drain or app.drain,
-        grace_period=parse_duration(args.grace_period) if args.grace_period else config.get(
+        max_tasks=args.max_tasks if args.max_tasks is not None else app.max_tasks, drain=args.drain or app.drain,
+        grace_period=parse_duration(args.grace_period) if args.grace_period is not None else config.get(
             "grace_period", app.grace_period),
         monitor=False if args.no_monitor else config.get("monitor", app.monitor),
         heartbeat_interval=config.get("heartbeat", app.heartbeat_interval),
@@ -4797,7 +4896,7 @@ def _cmd_schedule(args, out):
               "yes" if s.enabled else "no", next_run(s)] for s in schedules],
             ["ID", "TYPE", "CRON", "TZ", "ENABLED", "NEXT RUN"], out))
     if action == "run":
-        interval = parse_duration(args.interval)
+        interval = _positive_interval(args.interval)
         sys.stderr.write("buquet: scheduler on %s, looking every %ss at most\n" % (queue.store, interval))
         Scheduler(queue, interval=interval).run()
         return EXIT_OK
@@ -4831,6 +4930,10 @@ def _cmd_demo(args, out):
     """Submit a batch of tasks and let a worker run them, showing progress:
     buquet's main job end to end, on whatever store is configured (with
     nothing configured, the local directory store)."""
+    if args.tasks < 1:
+        raise UsageError("--tasks must be at least 1, got %d" % args.tasks)
+    if not args.timeout > 0:  # nan too; a watcher that gives up at once would stop the worker before it starts
+        raise UsageError("--timeout must be a positive number of seconds, got %r" % args.timeout)
     queue, _ = _queue_for(args)
     total = args.tasks
     import random

@@ -1231,7 +1231,7 @@ class _URL:
         else:
             host, _, port = hostport.partition(":")
         self.hostname = host.lower() or None
-        if port and not port.isdigit():
+        if port and not (port.isdigit() and int(port) <= 65535):
             raise ValueError("bad port in URL %r" % (url,))
         self.port = int(port) if port else None
 

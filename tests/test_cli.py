@@ -501,35 +501,207 @@ def test_worker_with_a_bad_app_is_one_line_and_exit_2(cli, app_module, spec, mes
 # Bad input: one line, exit 2, nothing written
 # ============================================================================
 
+# Whole messages: what was given and what was expected, on one line.
+DURATION = "expected a duration like 30s, 15m, 1h, 2d or 1h30m, got %r"
+RFC3339 = ("expected an RFC 3339 timestamp with an offset, like 2026-01-28T09:00:00Z or 2026-01-28T10:00:00+01:00, "
+           "got %r")
+NAME = "%s must be a non-empty string without '/' or control characters, got %r"
+SHARD = "shard must be one of 0..f, got %r"
+NOT_UUID = "task id must be a UUID, got %r"
+BAD_JSON = "--input must be JSON, got %r (%s)"
+CREATE = ["schedule", "create", "s", "-t", "a", "-c"]
+
 BAD_INPUT = [
-    (["submit", "-t", "a", "--delay", "1x"], "'1x'"),
-    (["submit", "-t", "a", "--delay", "h"], "'h'"),
-    (["submit", "-t", "a", "--delay=-5m"], "'-5m'"),
-    (["submit", "-t", "a", "--delay", ""], "got ''"),
-    (["submit", "-t", "a", "--ttl", "2 fortnights"], "'2 fortnights'"),
-    (["submit", "-t", "a", "--at", "2026-01-28T09:00:00"], "'2026-01-28T09:00:00'"),
-    (["submit", "-t", "a", "--at", "2026-13-01T00:00:00Z"], "'2026-13-01T00:00:00Z'"),
-    (["submit", "-t", "a", "--expires-at", "soon"], "'soon'"),
-    (["submit", "-t", "a", "-i", "{bad"], "'{bad'"),
-    (["submit", "-t", "a", "--retries=-1"], "-1"),
-    (["submit", "-t", "a/b"], "'a/b'"),
-    (["list", "g"], "'g'"),
-    (["list", "00"], "'00'"),
-    (["list", "-s", "g"], "'g'"),
-    (["get", "not-a-uuid"], "'not-a-uuid'"),
-    (["cancel", "not-a-uuid"], "'not-a-uuid'"),
-    (["schedule", "create", "s", "-t", "a", "-c", "61 * * * *"], "'61'"),
-    (["schedule", "create", "s", "-t", "a", "-c", "0 9 * * *", "--tz", "Mars/Olympus"], "'Mars/Olympus'"),
-    (["schedule", "create", "s", "-t", "a", "-c", "0 9 * * *", "-i", "{bad"], "'{bad'"),
-    (["tail", "--interval", "1x"], "'1x'"),
+    # durations
+    (["submit", "-t", "a", "--delay", "1x"], DURATION % "1x"),
+    (["submit", "-t", "a", "--delay", "h"], DURATION % "h"),
+    (["submit", "-t", "a", "--delay=-5m"], DURATION % "-5m"),
+    (["submit", "-t", "a", "--delay", ""], DURATION % ""),
+    (["submit", "-t", "a", "--delay", "1e999"], DURATION % "1e999"),
+    (["submit", "-t", "a", "--delay", "99999999999999999999d"],
+     "delay must be at most 3153600000 seconds (100 years), got 8.64e+24"),
+    (["submit", "-t", "a", "--ttl", "2 fortnights"], DURATION % "2 fortnights"),
+    (["submit", "-t", "a", "--ttl", ""], DURATION % ""),
+    (["submit", "-t", "a", "--ttl", "0s"],
+     "ttl must be positive (a TTL in the past expires the task at once), got 0.0"),
+    (["tail", "--interval", "1x"], DURATION % "1x"),
+    (["tail", "--interval=-1s"], DURATION % "-1s"),
+    (["tail", "--interval", ""], DURATION % ""),
+    (["schedule", "run", "--interval", "1x"], DURATION % "1x"),
+    # timestamps
+    (["submit", "-t", "a", "--at", "2026-01-28T09:00:00"], RFC3339 % "2026-01-28T09:00:00"),
+    (["submit", "-t", "a", "--at", "2026-13-01T00:00:00Z"], RFC3339 % "2026-13-01T00:00:00Z"),
+    (["submit", "-t", "a", "--at", "2026-02-30T09:00:00Z"], RFC3339 % "2026-02-30T09:00:00Z"),
+    (["submit", "-t", "a", "--at", "yesterday"], RFC3339 % "yesterday"),
+    (["submit", "-t", "a", "--at", "9999-12-31T23:59:59-01:00"], RFC3339 % "9999-12-31T23:59:59-01:00"),
+    # An offset's minutes run to 59 and its hours to 23 (RFC 3339; chrono refuses the rest too).
+    (["submit", "-t", "a", "--at", "2026-01-28T09:00:00+01:60"], RFC3339 % "2026-01-28T09:00:00+01:60"),
+    (["submit", "-t", "a", "--at", "2026-01-28T09:00:00+25:00"], RFC3339 % "2026-01-28T09:00:00+25:00"),
+    (["submit", "-t", "a", "--expires-at", "soon"], RFC3339 % "soon"),
+    (["submit", "-t", "a", "--expires-at", ""], RFC3339 % ""),
+    (["submit", "-t", "a", "--expires-at", "2000-01-01T00:00:00Z"], "expires_at is in the past: 2000-01-01T00:00:00Z"),
+    # JSON (a task's input may be any JSON value: no top-level type is required)
+    (["submit", "-t", "a", "-i", "{bad"],
+     BAD_JSON % ("{bad", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")),
+    (["submit", "-t", "a", "-i", '{"a": 1} trailing'],
+     BAD_JSON % ('{"a": 1} trailing', "Extra data: line 1 column 10 (char 9)")),
+    (["submit", "-t", "a", "-i", ""], BAD_JSON % ("", "Expecting value: line 1 column 1 (char 0)")),
+    (["submit", "-t", "a", "-i", "NaN"], "input: nan at input is not valid JSON"),
+    (["submit", "-t", "a", "-i", '{"a": 1e999}'], "input: inf at input['a'] is not valid JSON"),
+    (["submit", "-t", "a", "-i", '{"a": 99999999999999999999999}'],
+     "input: integer out of the 64-bit range at input['a']"),
+    (CREATE + ["0 9 * * *", "-i", "{bad"],
+     BAD_JSON % ("{bad", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")),
+    (CREATE + ["@hourly", "-i", "NaN"], "input: nan at input is not valid JSON"),
+    # integers out of range
+    (["submit", "-t", "a", "--retries=-1"], "max_retries must be an integer 0..4294967295, got -1"),
+    (["submit", "-t", "a", "--retries", "99999999999"],
+     "max_retries must be an integer 0..4294967295, got 99999999999"),
+    (["submit", "-t", "a", "--timeout", "0"], "timeout must be an integer 1..18446744073709551615, got 0"),
+    (["submit", "-t", "a", "--max-reschedules=-1"], "max_reschedules must be an integer 0..4294967295, got -1"),
+    (["list", "--limit", "0"], "limit must be an integer 1..1000000000, got 0"),
+    (CREATE + ["@hourly", "--timeout", "0"], "timeout must be an integer 1..18446744073709551615, got 0"),
+    (CREATE + ["@hourly", "--retries=-1"], "max_retries must be an integer 0..4294967295, got -1"),
+    (["serve", "--port", "70000"], "--port must be 0..65535, got 70000"),
+    (["serve", "--port=-1"], "--port must be 0..65535, got -1"),
+    # names
+    (["submit", "-t", "a/b"], NAME % ("task_type", "a/b")),
+    (["submit", "-t", ""], NAME % ("task_type", "")),
+    (["submit", "-t", "a\nb"], NAME % ("task_type", "a\nb")),
+    (["submit", "-t", "a", "--idempotency-key", ""], "idempotency_key must be a non-empty string, got ''"),
+    (["schedule", "create", "a/b", "-t", "a", "-c", "@hourly"], NAME % ("schedule id", "a/b")),
+    (["schedule", "create", "s", "-t", "", "-c", "@hourly"], NAME % ("task_type", "")),
+    # shards
+    (["list", "g"], SHARD % "g"),
+    (["list", "00"], SHARD % "00"),
+    (["list", "0,,1"], SHARD % "0,,1"),
+    (["list", "-s", "g"], SHARD % "g"),
+    (["list", ""], SHARD % ""),
+    (["list", "-s", ""], SHARD % ""),
+    # task ids
+    (["get", "not-a-uuid"], NOT_UUID % "not-a-uuid"),
+    (["history", "nope"], NOT_UUID % "nope"),
+    (["replay", "nope"], NOT_UUID % "nope"),
+    (["archive", "nope"], NOT_UUID % "nope"),
+    (["cancel", "not-a-uuid"], NOT_UUID % "not-a-uuid"),
+    # A good id before a bad one: nothing is cancelled.
+    (["cancel", "00000000-0000-4000-8000-000000000000", "nope"], NOT_UUID % "nope"),
+    # schedule ids: no schedule can have such an id, so it is bad input, not "no schedule"
+    (["schedule", "show", "a/b"], NAME % ("schedule id", "a/b")),
+    (["schedule", "show", ""], NAME % ("schedule id", "")),
+    (["schedule", "delete", "a/b"], NAME % ("schedule id", "a/b")),
+    (["schedule", "trigger", "a/b"], NAME % ("schedule id", "a/b")),
+    (["schedule", "disable", "a/b"], NAME % ("schedule id", "a/b")),
+    # cron expressions and time zones
+    (CREATE + ["61 * * * *"], "bad minute field '61' in '61 * * * *': expected 0-59"),
+    (CREATE + ["* * *"], "bad cron expression '* * *': expected 5 fields (minute hour day-of-month month day-of-week) "
+                         "or a macro such as @daily, got 3 fields"),
+    (CREATE + ["*/0 * * * *"], "bad minute field '*/0' in '*/0 * * * *': step must be 1-59"),
+    (CREATE + [""], "bad cron expression '': expected 5 fields (minute hour day-of-month month day-of-week) or a "
+                    "macro such as @daily, got nothing"),
+    (CREATE + ["0 9 * * *", "--tz", "Mars/Olympus"], "bad time zone 'Mars/Olympus': not an IANA time zone name such "
+                                                      "as 'Europe/Berlin' (without /usr/share/zoneinfo, install the "
+                                                      "tzdata package)"),
+    (CREATE + ["0 9 * * *", "--tz", ""], "bad time zone '': not an IANA time zone name such as 'Europe/Berlin' "
+                                         "(without /usr/share/zoneinfo, install the tzdata package)"),
+    # demo: nothing is submitted for a count or a time limit that cannot work
+    (["demo", "--tasks", "0"], "--tasks must be at least 1, got 0"),
+    (["demo", "--tasks=-3"], "--tasks must be at least 1, got -3"),
+    # global options: an empty value is a mistake (an unset variable), never "use the default"
+    (["--local-dir", "", "submit", "-t", "a"], "--local-dir must not be empty"),
+    (["--bucket", "", "submit", "-t", "a"], "--bucket must not be empty"),
+    (["--config", "", "submit", "-t", "a"], "--config must not be empty"),
+    (["--config", "missing.toml", "submit", "-t", "a"], "config file missing.toml does not exist"),
+    (["--bucket", "b", "--endpoint", "ftp://x", "submit", "-t", "a"],
+     "endpoint must be an http:// or https:// URL, got 'ftp://x'"),
+    (["--bucket", "b", "--endpoint", "http://127.0.0.1:abc", "submit", "-t", "a"],
+     "bad port in URL 'http://127.0.0.1:abc'"),
+    (["--bucket", "b", "--endpoint", "http://127.0.0.1:99999", "submit", "-t", "a"],
+     "bad port in URL 'http://127.0.0.1:99999'"),
 ]
 
 
-@pytest.mark.parametrize("argv, named", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, store_dir, argv, named):
-    code, out, err = cli(*argv)
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("buquet: error: ") and named in err, err
+def _case_id(argv):
+    return " ".join(repr(a) if not a or " " in a or "\n" in a else a for a in argv)
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUT, ids=[_case_id(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, store_dir, tmp_path, monkeypatch, argv, message):
+    # Credentials, so that a bucket given here fails on its input, not on a missing key.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDCLITEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    assert cli(*argv) == (2, "", "buquet: error: %s\n" % message)
+    assert objects_in(store_dir) == [] and objects_in(tmp_path / ".buquet") == []
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, "[" * 5000 + "]" * 5000], ids=["unclosed", "balanced"])
+def test_input_nested_too_deeply_is_one_line_exit_2(cli, store_dir, text):
+    """json.loads raises RecursionError (not a ValueError) for deep nesting,
+    or, on Python 3.13, reads it and leaves checking and writing it to hit
+    the recursion limit."""
+    for argv in (["submit", "-t", "a", "-i", text], CREATE + ["@hourly", "-i", text]):
+        code, out, err = cli(*argv)
+        assert (code, out) == (2, ""), err[-300:]
+        assert err == "buquet: error: --input must be JSON, got %r (nested too deeply)\n" % (text[:20] + "...")
+    assert objects_in(store_dir) == []
+
+
+WORKER_BAD_OPTIONS = [
+    (["--concurrency", "0"], "concurrency must be an integer 1..1024, got 0"),
+    (["--concurrency=-1"], "concurrency must be an integer 1..1024, got -1"),
+    (["--max-tasks", "0"], "max_tasks must be an integer 1..1000000000000, got 0"),
+    (["--max-tasks=-1"], "max_tasks must be an integer 1..1000000000000, got -1"),
+    (["--shards", "g"], SHARD % "g"),
+    (["--shards", "00"], SHARD % "00"),
+    (["--shards", ","], "expected shards like 0,1,2,3, got ','"),
+    (["--shards", ""], "expected shards like 0,1,2,3, got ''"),
+    (["--shards", "0,,1"], "expected shards like 0,1,2,3, got '0,,1'"),
+    (["--grace-period", "5x"], DURATION % "5x"),
+    (["--grace-period", ""], DURATION % ""),
+    (["--poll-min", "0s"], "poll interval bounds must satisfy 0 < poll_min <= poll_max, got 0.0 and 0.05"),
+    (["--poll-min", ""], DURATION % ""),
+    (["--poll-max", ""], DURATION % ""),
+    (["--poll-min", "3s", "--poll-max", "1s"],
+     "poll interval bounds must satisfy 0 < poll_min <= poll_max, got 3.0 and 1.0"),
+    (["--id", "a/b"], NAME % ("worker_id", "a/b")),
+    (["--id", ""], NAME % ("worker_id", "")),
+]
+
+
+@pytest.mark.parametrize("option, message", WORKER_BAD_OPTIONS, ids=[_case_id(o) for o, _ in WORKER_BAD_OPTIONS])
+def test_worker_with_a_bad_option_is_one_line_exit_2_and_does_not_run(cli, queue, store_dir, app_module, option,
+                                                                      message):
+    # --drain: should the option be taken, the worker exits instead of running on.
+    task = queue.submit("double", {"n": 1})
+    before = objects_in(store_dir)
+    assert cli("worker", app_module + ":worker", "--drain", *option) == (2, "", "buquet: error: %s\n" % message)
+    assert objects_in(store_dir) == before and queue.get(task.id).status == "pending"
+
+
+class _Looping(Exception):
+    """Raised where a command would loop on: it took the bad value."""
+
+
+WOULD_LOOP = [
+    (["tail", "--limit", "0"], "--limit must be at least 1, got 0", "_list_with_etags"),
+    (["tail", "--limit=-1"], "--limit must be at least 1, got -1", "_list_with_etags"),
+    (["tail", "--interval", "0s"], "--interval must be more than 0s, got '0s'", "_list_with_etags"),
+    (["schedule", "run", "--interval", "0s"], "--interval must be more than 0s, got '0s'", "Scheduler.run"),
+    (["demo", "--timeout", "0"], "--timeout must be a positive number of seconds, got 0.0", "Worker.run"),
+    (["demo", "--timeout=-1"], "--timeout must be a positive number of seconds, got -1.0", "Worker.run"),
+    (["demo", "--timeout", "nan"], "--timeout must be a positive number of seconds, got nan", "Worker.run"),
+]
+
+
+@pytest.mark.parametrize("argv, message, loop", WOULD_LOOP, ids=[_case_id(a) for a, _, _ in WOULD_LOOP])
+def test_values_that_would_loop_or_hang_are_refused_first(cli, store_dir, monkeypatch, argv, message, loop):
+    """tail --limit 0 would follow forever, --interval 0s polls the bucket
+    without pause, and a demo worker stopped before it starts runs forever."""
+    def looping(*args, **kwargs):
+        raise _Looping(" ".join(argv))
+    owner, _, name = loop.rpartition(".")
+    monkeypatch.setattr(getattr(buquet, owner) if owner else buquet, name, looping)
+    assert cli(*argv) == (2, "", "buquet: error: %s\n" % message)
     assert objects_in(store_dir) == []
 
 
@@ -586,6 +758,17 @@ def test_commands_end_to_end_on_a_bucket(s3, cli, capsys, monkeypatch, store_dir
         assert code == 2 and err.startswith("buquet: error: ") and err.count("\n") == 1
     assert bucket_keys(s3) == before
     assert objects_in(store_dir) == []  # and the local store was never used
+
+
+def test_a_bucket_name_with_a_slash_is_bad_input_and_writes_nothing(s3, capsys, monkeypatch):
+    """With path-style addressing `bucket/sub` would put every key under
+    sub/ in `bucket`, where no listing of the queue finds it."""
+    use_bucket(monkeypatch, s3)
+    name = s3.bucket + "/sub"
+    assert main(["--bucket", name, "submit", "-t", "a"]) == 2
+    assert capsys.readouterr() == ("", "buquet: error: bucket must be a bucket name without '/', spaces or control "
+                                       "characters, got %r\n" % name)
+    assert bucket_keys(s3) == []
 
 
 @pytest.mark.versioned

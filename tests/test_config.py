@@ -110,6 +110,11 @@ INVALID = [
     ('a = "x" "y"\n', 1, "unexpected '\"y\"' after the value"),
     ('a = "\\q"\n', 1, "unknown escape \\q"),
     ("a = yes\n", 1, "cannot read 'yes'"),
+    ("a = " + "[" * 5000 + "\n", 1, "arrays nested too deeply"),
+    # An unclosed array is read on over the following lines: still one clear error.
+    ("a = " + "[" * 5000 + "\nb = 1\n", 1, "arrays nested too deeply"),
+    ('[default]\nbucket = "a"\n[default]\nregion = "b"\n', 3, "table [default] defined twice"),
+    ('[profiles.dev]\n[profiles . "dev"]\n', 2, "table [profiles.dev] defined twice"),
 ]
 
 
@@ -309,3 +314,169 @@ def test_connect_uses_the_local_directory_from_the_file_without_a_notice(tmp_pat
     assert fallback.store.root == str(tmp_path / ".buquet")
     assert capsys.readouterr().err == (
         "buquet: no bucket configured (S3_BUCKET); using the local directory store at .buquet\n")
+
+
+# ============================================================================
+# Bad configuration through the command: one line, exit 2, nothing written
+# ============================================================================
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """The process runs in tmp_path with no configuration of the machine's;
+    returns the path of the project file (not yet written)."""
+    for name in list(os.environ):
+        if name.startswith(("S3_", "BUQUET_", "AWS_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / ".buquet.toml"
+
+
+def submit_with(capsys, tmp_path):
+    """`buquet --local-dir store submit -t a`: (exit code, stdout, stderr),
+    after checking that no store was written to."""
+    code = main(["--local-dir", "store", "submit", "-t", "a"])
+    captured = capsys.readouterr()
+    written = [p for d in ("store", ".buquet") for p in (tmp_path / d).rglob("*") if p.is_file() and p.name != ".lock"]
+    assert written == [] or code == 0, written
+    return code, captured.out, captured.err
+
+
+# Syntax: the message names the file and the line (tomllib and the small
+# reader word the rest differently).
+SYNTAX = [
+    ("[default]\nbucket =\n", 2),
+    ("[worker]\nconcurrency = 1\nconcurrency = 2\n", 3),
+    ('[default]\nbucket = "a"\n[default]\nregion = "b"\n', 3),
+    ("[default\n", 1),
+    ("a = 1\n[a]\n", 2),
+    ('[default]\nbucket = "a" "b"\n', 2),
+]
+
+
+@pytest.mark.parametrize("text, line", SYNTAX, ids=[t.splitlines()[-1] for t, _ in SYNTAX])
+def test_a_file_that_is_not_toml_is_one_line_naming_file_and_line(project, capsys, tmp_path, text, line):
+    project.write_text(text)
+    code, out, err = submit_with(capsys, tmp_path)
+    assert (code, out) == (2, ""), err
+    assert err.count("\n") == 1 and err.startswith("buquet: error: %s:" % project)
+    assert ":%d: " % line in err or "(at line %d, column " % line in err, err
+
+
+# Types and shapes: whole messages, the same on every Python.
+SHAPES = [
+    ('[default]\nforce_path_style = "yes"\n', "default.force_path_style must be true or false, got 'yes'"),
+    ('[default]\nregion = ["eu-west-1"]\n', "default.region must be a string, got ['eu-west-1']"),
+    ('[worker]\ngrace_period_secs = "30s"\n', "worker.grace_period_secs must be a number, got '30s'"),
+    ("[queue]\nshard_prefix_len = 1.5\n", "queue.shard_prefix_len must be an integer, got 1.5"),
+    ("[default.bucket]\nname = \"q\"\n", "default.bucket must be a string, got {'name': 'q'}"),
+    ("profiles = 1\n", "profiles must be a table"),
+    ("[profiles]\ndev = 1\n", "profiles.dev must be a table"),
+]
+
+
+@pytest.mark.parametrize("text, message", SHAPES, ids=[m.split(" must")[0] for _, m in SHAPES])
+def test_a_value_of_the_wrong_type_or_shape_is_one_line_naming_file_and_key(project, capsys, tmp_path, text,
+                                                                             message):
+    project.write_text(text)
+    assert submit_with(capsys, tmp_path) == (2, "", "buquet: error: %s: %s\n" % (project, message))
+
+
+def test_a_wrong_value_in_a_profile_not_in_use_is_still_an_error(project, capsys, tmp_path):
+    project.write_text('[default]\nbucket = "b"\n[profiles.dev]\nbucket = 3\n')
+    assert submit_with(capsys, tmp_path) == (
+        2, "", "buquet: error: %s [profiles.dev]: default.bucket must be a string, got 3\n" % project)
+
+
+# Values of the right type but out of range: refused where they are read,
+# not clamped (a shard_prefix_len of 9 would put tasks under 4-digit shards
+# without a word) nor taken as "not set" (concurrency 0).
+SHARDS = "a non-empty list of hex shards such as 0, 1, a, f"
+RANGES = [
+    ("[queue]\nshard_prefix_len = 9\n", "queue.shard_prefix_len must be an integer 1..4, got 9"),
+    ("[queue]\nshard_prefix_len = 0\n", "queue.shard_prefix_len must be an integer 1..4, got 0"),
+    ("[worker]\nconcurrency = 0\n", "worker.concurrency must be an integer 1..1024, got 0"),
+    ("[worker]\nconcurrency = -1\n", "worker.concurrency must be an integer 1..1024, got -1"),
+    ('[worker]\nshards = ["g"]\n', "worker.shards must be %s, got ['g']" % SHARDS),
+    ("[worker]\nshards = [0, 1]\n", "worker.shards must be %s, got [0, 1]" % SHARDS),
+    ("[worker]\nshards = []\n", "worker.shards must be %s, got []" % SHARDS),
+    ("[worker]\nheartbeat_interval_secs = 0\n",
+     "worker.heartbeat_interval_secs must be a number of seconds > 0, got 0"),
+    ("[worker.polling]\nmin_interval_ms = 0\n", "worker.polling.min_interval_ms must be a positive integer, got 0"),
+    ("[monitor]\ncheck_interval_secs = nan\n", "monitor.check_interval_secs must be a number of seconds > 0, got nan"),
+    ("[monitor]\nsweep_interval_secs = -5\n",
+     "monitor.sweep_interval_secs must be a number of seconds >= 0 (0: no sweep), got -5"),
+]
+
+
+@pytest.mark.parametrize("text, message", RANGES, ids=[t.strip().replace("\n", " ") for t, _ in RANGES])
+def test_a_value_out_of_range_is_one_line_naming_file_and_key(project, capsys, tmp_path, text, message):
+    project.write_text(text)
+    assert submit_with(capsys, tmp_path) == (2, "", "buquet: error: %s: %s\n" % (project, message))
+    assert main(["config", "validate"]) == 2  # validate says so too, rather than "ok"
+    assert capsys.readouterr().err == "buquet: error: %s: %s\n" % (project, message)
+
+
+ENVIRONMENT = [
+    ("BUQUET_SHARD_PREFIX_LEN", "x", "must be an integer, got 'x'"),
+    ("BUQUET_POLLING_MIN_INTERVAL_MS", "fast", "must be an integer, got 'fast'"),
+    ("BUQUET_POLLING_MAX_INTERVAL_MS", "1.5", "must be an integer, got '1.5'"),
+    ("BUQUET_MONITOR_CHECK_INTERVAL", "soon", "must be a number of seconds, got 'soon'"),
+    ("BUQUET_MONITOR_SWEEP_INTERVAL", "5m", "must be a number of seconds, got '5m'"),
+    ("BUQUET_SHARD_PREFIX_LEN", "9", "must be an integer 1..4, got '9'"),
+    ("BUQUET_CONCURRENCY", "0", "must be an integer 1..1024, got '0'"),
+    ("BUQUET_POLLING_MIN_INTERVAL_MS", "0", "must be a positive integer, got '0'"),
+    ("BUQUET_MONITOR_CHECK_INTERVAL", "nan", "must be a number of seconds > 0, got 'nan'"),
+    ("BUQUET_MONITOR_SWEEP_INTERVAL", "-5", "must be a number of seconds >= 0 (0: no sweep), got '-5'"),
+    ("BUQUET_SHARDS", "g", "must be %s, got 'g'" % SHARDS),
+    ("BUQUET_SHARDS", "0,,1", "must be %s, got '0,,1'" % SHARDS),
+    ("BUQUET_SHARDS", ",", "must be %s, got ','" % SHARDS),
+    ("BUQUET_NO_MONITOR", "maybe", "must be true or false (1/0, yes/no, on/off), got 'maybe'"),
+    ("S3_FORCE_PATH_STYLE", "maybe", "must be true or false (1/0, yes/no, on/off), got 'maybe'"),
+]
+
+
+@pytest.mark.parametrize("var, raw, message", ENVIRONMENT, ids=["%s=%s" % (v, r) for v, r, _ in ENVIRONMENT])
+def test_a_malformed_environment_variable_is_a_config_error_naming_it(tmp_path, env, var, raw, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(cwd=str(tmp_path), environ=dict(env, **{var: raw}))
+    assert str(info.value) == "%s %s" % (var, message)
+
+
+def test_a_malformed_environment_variable_stops_the_command_before_any_write(project, capsys, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("BUQUET_SHARD_PREFIX_LEN", "9")
+    assert submit_with(capsys, tmp_path) == (
+        2, "", "buquet: error: BUQUET_SHARD_PREFIX_LEN must be an integer 1..4, got '9'\n")
+
+
+def test_boolean_variables_read_the_usual_spellings(tmp_path, env):
+    for raw, monitor in (("1", False), ("true", False), ("YES", False), ("on", False),
+                         ("0", True), ("false", True), ("no", True), ("off", True)):
+        config = load_config(cwd=str(tmp_path), environ=dict(env, BUQUET_NO_MONITOR=raw))
+        assert config.get("monitor", True) is monitor, raw
+
+
+def test_a_missing_config_file_named_by_flag_or_variable_is_one_line(project, capsys, tmp_path, monkeypatch):
+    assert main(["--config", "nowhere.toml", "config", "show"]) == 2
+    assert capsys.readouterr() == ("", "buquet: error: config file nowhere.toml does not exist\n")
+    monkeypatch.setenv("BUQUET_CONFIG", str(tmp_path / "gone.toml"))
+    assert submit_with(capsys, tmp_path) == (
+        2, "", "buquet: error: config file %s does not exist\n" % (tmp_path / "gone.toml"))
+
+
+def test_a_file_that_is_not_utf8_is_one_line_naming_it(project, capsys, tmp_path):
+    project.write_bytes(b'[default]\nbucket = "\xff"\n')
+    code, out, err = submit_with(capsys, tmp_path)
+    assert (code, out) == (2, "")
+    assert err == ("buquet: error: cannot read %s: not UTF-8 text ('utf-8' codec can't decode byte 0xff in position "
+                   "20: invalid start byte)\n" % project)
+
+
+def test_values_nested_too_deeply_are_one_line_not_a_traceback(project, capsys, tmp_path):
+    project.write_text("[default]\nbucket = " + "[" * 100000 + "\n")
+    code, out, err = submit_with(capsys, tmp_path)
+    assert (code, out) == (2, ""), err[-300:]
+    assert err.count("\n") == 1 and err.startswith("buquet: error: %s:" % project) and "nested too deeply" in err

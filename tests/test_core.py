@@ -347,6 +347,8 @@ def test_a_timestamp_that_is_not_a_string_is_rejected(value):
     ("2026-01-27T24:00:05Z", "hour must be in 0..23"),
     ("9999-12-31T23:59:59-01:00", "date value out of range"),
     ("0001-01-01T00:00:00+01:00", "date value out of range"),
+    ("2026-01-28T09:00:00+01:60", "the offset must be at most 23:59"),  # chrono refuses both
+    ("2026-01-28T09:00:00-25:00", "the offset must be at most 23:59"),
 ])
 def test_a_timestamp_out_of_range_is_a_value_error_naming_it(text, problem):
     with pytest.raises(ValueError) as exc:

@@ -525,6 +525,29 @@ def test_output_that_is_not_json_is_refused_before_any_request(queue, store):
     assert store.requests == {}
 
 
+def _nested(depth):
+    value = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_inputs_and_outputs_nest_at_most_as_deep_as_the_original_can_read(queue, store):
+    # serde_json stops at a document's 128th level; the task document is the first.
+    queue.submit("t", _nested(126))
+    task = queue.claim_next()
+    queue.complete(task, {"deep": _nested(125)})
+    fresh(store)
+
+    with pytest.raises(ValueError) as exc:
+        queue.submit("t", {"deep": _nested(126)})
+    assert str(exc.value).startswith("input is nested more than 126 levels deep at input['deep'][0][0]")
+    assert str(exc.value).endswith("... (the original cannot read that)")
+    with pytest.raises(ValueError):
+        queue.submit("t", _nested(10000))  # far beyond the interpreter's recursion limit
+    assert store.requests == {}
+
+
 # ============================================================================
 # Expired leases
 # ============================================================================

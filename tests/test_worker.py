@@ -900,6 +900,18 @@ def test_drain_mode_fails_when_a_poll_fails_instead_of_calling_the_queue_empty(q
     assert status_of(queue, task) == "completed"
 
 
+def test_a_stop_before_run_ends_that_run_at_once_and_the_next_one_runs(queue):
+    worker = make_worker(queue)  # not drain: only stop() can end its run
+    worker.task("t")(lambda input: None)
+    task = queue.submit("t", {})
+    worker.stop()
+
+    assert worker.run(install_signal_handlers=False) == 0
+    assert status_of(queue, task) == "pending"
+    with running(worker):
+        wait_for(lambda: status_of(queue, task) == "completed")
+
+
 def test_run_without_handlers_is_an_error_that_says_what_to_do(queue):
     worker = make_worker(queue, worker_id="w-none")
     with pytest.raises(BuquetError) as e:
