@@ -4328,7 +4328,11 @@ class _Progress:
 def _parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="buquet", description="A task queue on S3-compatible object storage.")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line like every other bad input, not usage + error
+            self.exit(2, "buquet: error: %s (see: %s --help)\n" % (message, self.prog))
+
+    p = Parser(prog="buquet", description="A task queue on S3-compatible object storage.")
     p.add_argument("--profile", help="configuration profile ([profiles.NAME] in .buquet.toml)")
     p.add_argument("--config", help="configuration file (default: .buquet.toml here or in a parent)")
     p.add_argument("--bucket", help="S3 bucket (default: S3_BUCKET, then the configuration)")

@@ -705,16 +705,20 @@ def test_values_that_would_loop_or_hang_are_refused_first(cli, store_dir, monkey
     assert objects_in(store_dir) == []
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["list", "--status", "done"], "invalid choice: 'done'"),
-    (["submit", "-t", "a", "--timeout", "ten"], "invalid int value: 'ten'"),
-    (["config", "edit"], "invalid choice: 'edit'"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
+@pytest.mark.parametrize("argv, named, prog", [
+    (["list", "--status", "done"], ("--status", "invalid choice: 'done'"), "buquet list"),
+    (["submit", "-t", "a", "--timeout", "ten"], ("--timeout", "invalid int value: 'ten'"), "buquet submit"),
+    (["config", "edit"], ("action", "invalid choice: 'edit'"), "buquet config"),
+    (["frobnicate"], ("COMMAND", "invalid choice: 'frobnicate'"), "buquet"),
+    (["submit"], ("arguments are required", "--task-type"), "buquet submit"),
 ])
-def test_bad_choices_get_argparse_usage_error_and_exit_2(cli, store_dir, argv, named):
+def test_argument_errors_are_one_line_naming_the_value_and_exit_2(cli, store_dir, argv, named, prog):
+    # (argparse's wording differs a little between Python versions)
     code, out, err = cli(*argv)
-    assert code == 2 and out == ""
-    assert err.startswith("usage: buquet") and named in err.splitlines()[-1]
+    assert (code, out) == (2, "")
+    assert err.startswith("buquet: error: argument" if named[0] != "arguments are required" else "buquet: error: ")
+    assert all(part in err for part in named) and err.endswith(" (see: %s --help)\n" % prog), err
+    assert err.count("\n") == 1
     assert objects_in(store_dir) == []
 
 
