@@ -560,6 +560,21 @@ _DEFAULTS = {
 }
 
 
+def _check_task_key(doc, key, prefix_len):
+    """InvalidTaskDocument unless the document lives at its own key,
+    tasks/{shard of its id}/{id}.json, with that shard in its shard field:
+    every writer (the original too) rewrites a task at the key its fields
+    name, so a document anywhere else can never be claimed there, and a
+    rewrite in place would leave index entries pointing elsewhere."""
+    task_id = canonical_uuid(doc["id"])
+    shard = shard_of(task_id, prefix_len)
+    if doc["shard"] != shard:
+        raise InvalidTaskDocument("field shard is %r, but task %s belongs to shard %r"
+                                  % (doc["shard"], task_id, shard))
+    if key != task_key(shard, task_id):
+        raise InvalidTaskDocument("holds task %s, whose key is %s" % (task_id, task_key(shard, task_id)))
+
+
 def decode_task(body, etag=None, key=None):
     """Bytes of a task document -> Task; InvalidTaskDocument when the bytes
     are not a document both implementations can use."""
@@ -570,6 +585,13 @@ def decode_task(body, etag=None, key=None):
     except RecursionError:  # json nests by recursion: '[' * 100000
         raise InvalidTaskDocument("not a task document: JSON nested too deeply") from None
     validate_task_document(doc)
+    try:
+        # Python's json reads NaN, Infinity and lone surrogate escapes, which
+        # serde_json refuses and which buquet could not write back: a claim
+        # would raise in the middle of a worker's poll.
+        encode_task(doc)
+    except ValueError as exc:
+        raise InvalidTaskDocument("not JSON the original reads: %s" % exc) from None
     return Task(doc, etag, key)
 
 
@@ -782,6 +804,28 @@ def index_keys(doc):
     if status == "running" and doc.get("lease_expires_at"):
         return [lease_key(shard, parse_timestamp(doc["lease_expires_at"]), task_id)]
     return []
+
+
+def index_key_in_flight(kind, minute, doc, now):
+    """Whether an index entry that does not fit its task may be the first
+    half of a transition still in flight: transitions write the entry the
+    new state needs before the task document, so that a process killed in
+    between leaves a task its index still shows (the monitor can recover it)
+    rather than one no index shows.  Such entries are a lease entry of a
+    pending task (a claim) or a newer one of a running task (an extension),
+    and a ready entry of a running task (a retry, a reschedule, a requeue),
+    all for the current minute or later.  They are left alone until their
+    minute has passed."""
+    if minute < minute_bucket(now):
+        return False
+    status = doc.get("status", "pending")
+    if kind == "ready":
+        return status == "running"
+    if status == "pending":
+        return True
+    if status == "running" and doc.get("lease_expires_at"):
+        return minute > minute_bucket(parse_timestamp(doc["lease_expires_at"]))
+    return False
 
 
 # ============================================================================
@@ -1756,7 +1800,9 @@ class Queue:
         if blob is None:
             return None, None
         try:
-            return decode_task(blob.body, blob.etag, key), None
+            task = decode_task(blob.body, blob.etag, key)
+            _check_task_key(task.doc, key, self.shard_prefix_len)
+            return task, None
         except InvalidTaskDocument as exc:
             reason = str(exc)
             if self.skipped.get(key) != reason:
@@ -1790,20 +1836,32 @@ class Queue:
         except BuquetError as exc:
             _warn("index deletes failed (%d keys): %s", len(keys), exc)
 
-    def _reindex(self, old_doc, new_doc, also_delete=()):
+    def _reindex(self, old_doc, new_doc, also_delete=(), written=()):
         old = set(index_keys(old_doc)) if old_doc else set()
         old.update(also_delete)
         new = index_keys(new_doc)
-        puts = [k for k in new if k not in old]
+        puts = [k for k in new if k not in old and k not in written]
         deletes = sorted(k for k in old if k not in new)
         if puts or deletes:
             self.run_index_ops(puts, deletes)
+
+    def _index_first(self, old_doc, new_doc, written):
+        """Write the entries `new_doc` needs and `old_doc` lacks before the
+        task document moves (see index_key_in_flight); returns `written`
+        with them.  A write that then loses leaves its entry to the monitor
+        or sweeper, once its minute has passed."""
+        old = set(index_keys(old_doc))
+        puts = [k for k in index_keys(new_doc) if k not in old and k not in written]
+        if puts:
+            self.run_index_ops(puts, [])
+        return written.union(puts)
 
     def _write(self, task, event, *, lease_id=None, also_delete=(), attempts=8, **args):
         """Apply `event` to `task` with compare-and-swap; on a lost race
         re-read and re-apply (the transition re-checks state and lease), up
         to `attempts` writes.  Returns the new Task."""
         current = task
+        written = frozenset()
         for attempt in range(1, attempts + 1):
             if event in _FINISHING and current.doc.get("cancel_requested"):
                 # Cancellation was requested while the handler ran: whatever
@@ -1811,6 +1869,7 @@ class Queue:
                 event, args = "cancel_running", {}
             new_doc = transition(current.doc, event, self.now(), lease_id=lease_id, **args)
             body = encode_task(new_doc)
+            written = self._index_first(current.doc, new_doc, written)
             try:
                 etag = self.store.put(current.key, body, if_match=current.etag)
             except UncertainWrite:
@@ -1826,7 +1885,7 @@ class Queue:
                     break  # no read that nothing would use
                 current = self._reread(current)
                 continue
-            self._reindex(current.doc, new_doc, also_delete)
+            self._reindex(current.doc, new_doc, also_delete, written)
             return Task(new_doc, etag, current.key)
         raise ConflictError("task %s kept changing under %s (%d attempts); gave up" % (task.doc["id"], event, attempts))
 
@@ -2010,7 +2069,7 @@ class Queue:
                 expired = parse_timestamp(record["expires_at"]) < self.now()
                 record_task_id = _task_id(record["task_id"])
                 record_task_key = record.get("task_key") or self._key_for(record_task_id)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise IdempotencyConflict("idempotency record %s is unreadable (%s); delete it to reuse the key"
                                           % (record_key, exc)) from None
             if record_task_id == doc["id"]:
@@ -2214,6 +2273,7 @@ class Queue:
         lease = new_uuid()
         new_doc = transition(doc, "claim", now, worker_id=worker_id, new_lease_id=lease)
         body = encode_task(new_doc)
+        written = self._index_first(doc, new_doc, frozenset())
         try:
             etag = self.store.put(key, body, if_match=task.etag)
         except ConflictError:
@@ -2223,7 +2283,7 @@ class Queue:
             if latest is None or latest.doc.get("lease_id") != lease:
                 return None, 0.0, True
             etag = latest.etag
-        self._reindex(doc, new_doc, [ready_key] if ready_key else ())
+        self._reindex(doc, new_doc, [ready_key] if ready_key else (), written)
         return Task(new_doc, etag, key), None, False
 
     def claim_next(self, shards=None, task_types=None, *, worker_id=None):
@@ -2374,11 +2434,13 @@ class Queue:
             return None
         doc = task.doc
         if doc.get("status") != "running" or not doc.get("lease_expires_at"):
-            self._index_now([], [key])
+            if not index_key_in_flight("leases", parse_index_key(key)[1], doc, now):
+                self._index_now([], [key])
             return None
         expiry = parse_timestamp(doc["lease_expires_at"])
         if now <= expiry:
-            if lease_key(doc["shard"], expiry, task_id) != key:
+            if lease_key(doc["shard"], expiry, task_id) != key and not index_key_in_flight(
+                    "leases", parse_index_key(key)[1], doc, now):
                 self._index_now([], [key])  # left behind by a lease extension
             return None
         lease = doc.get("lease_id")
@@ -2468,6 +2530,8 @@ class IndexSweeper:
             return outcome
         doc = task.doc
         if doc.get("status", "pending") != "pending":
+            if index_key_in_flight("ready", parse_index_key(key)[1], doc, now):
+                return None
             self.queue._index_now([], [key])
             return "deleted"
         if doc.get("expires_at") and now >= parse_timestamp(doc["expires_at"]):
@@ -2488,6 +2552,8 @@ class IndexSweeper:
             return outcome
         expected = index_keys(task.doc) if task.doc.get("status") == "running" else []
         if key not in expected:
+            if index_key_in_flight("leases", parse_index_key(key)[1], task.doc, now):
+                return None
             self.queue._index_now(expected, [key])
             return "deleted"
         return None
@@ -2848,6 +2914,7 @@ class Worker:
         self._poll_lock = threading.Lock()
         self._quiet_until = 0.0  # monotonic time before which an empty poll is not repeated
         self._poll_error = None  # in drain mode: the poll that failed, raised by run()
+        self._listed_empty = False  # the last listing found nothing due (drain mode ends there)
         self._fleet_due = 0.0  # monotonic time of the next look at workers/ (when busy)
         self._stopping = threading.Event()
         self._claimed = 0
@@ -2943,6 +3010,7 @@ class Worker:
                             if self.drain:  # "nothing ready" is unknown: a drain run has failed
                                 self._poll_error = exc
                             found = 0
+                        self._listed_empty = not found
                         if not found:
                             self._quiet_until = time.monotonic() + self._poller.next_sleep()
                             return None
@@ -3165,8 +3233,8 @@ class Worker:
                 if self.monitor and elapsed >= due["sweep"]:
                     due["sweep"] = elapsed + self.sweep_interval
                     sweeper.step()
-            except BuquetError as exc:
-                _warn("housekeeping: %s", exc)
+            except Exception as exc:  # one duty failing must not stop heartbeats and recovery
+                _warn("housekeeping: %s: %s", type(exc).__name__, exc)
 
     # -- running -----------------------------------------------------------------------
 
@@ -3228,6 +3296,7 @@ class Worker:
         # A run looks at once, whatever the last one's poll timer said (a warm
         # Lambda invoked again a second after draining must not skip its look).
         self._quiet_until = 0.0
+        self._listed_empty = False
         self._poller.reset()
         with self._lock:  # max_tasks and the counts are per run (per Lambda invocation)
             self._claimed = self.completed = self.failed = 0
@@ -3267,7 +3336,10 @@ class Worker:
             with self._lock:
                 if self.max_tasks is not None and self._claimed >= self.max_tasks:
                     return
-                if self.drain and not self._running:
+                # Drained only when the last listing found nothing due: a step
+                # that ended on a finished, taken or unreadable candidate says
+                # nothing about the rest of the ready index.
+                if self.drain and not self._running and self._listed_empty:
                     return
                 self._wake.wait(wait)
 
@@ -3475,6 +3547,8 @@ def _decode_schedule(body, etag):
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ScheduleError("schedule is not JSON: %s" % exc) from None
+    except RecursionError:
+        raise ScheduleError("schedule is not JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ScheduleError("schedule must be a JSON object")
     for name in ("id", "task_type", "cron"):
@@ -3482,6 +3556,12 @@ def _decode_schedule(body, etag):
             raise ScheduleError("schedule field %s must be a string" % name)
     if "input" not in doc:
         raise ScheduleError("schedule field input is missing")
+    # The original rejects a schedule whose enabled is not a boolean; "false"
+    # would be truthy here and fire a schedule meant to be off.
+    if not isinstance(doc.get("enabled", True), bool):
+        raise ScheduleError("schedule field enabled must be true or false, got %r" % (doc["enabled"],))
+    if doc.get("timezone") is not None and not isinstance(doc["timezone"], str):
+        raise ScheduleError("schedule field timezone must be a time zone name, got %r" % (doc["timezone"],))
     return Schedule(doc, etag)
 
 
@@ -3583,6 +3663,8 @@ class _Schedules:
             try:
                 return _decode_schedule(blob.body, blob.etag)
             except ScheduleError as exc:
+                if self.skipped.get(key) != str(exc):
+                    _warn("skipping unreadable schedule %s: %s", key, exc)
                 self.skipped[key] = str(exc)
                 return None
         return [s for s in self._map(read, keys) if s is not None]
@@ -3628,7 +3710,7 @@ class _Schedules:
             return None
         try:
             record = json.loads(blob.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return record if isinstance(record, dict) else None
 
@@ -3639,7 +3721,7 @@ class _Schedules:
         if blob is not None:
             try:
                 record = json.loads(blob.body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 record = None
         after = None
         if isinstance(record, dict):
@@ -4591,11 +4673,17 @@ def _read_workers(queue):
 
     def read(key):
         blob = queue.store.get(key)
-        try:
-            doc = json.loads(blob.body) if blob else None
-            return doc if isinstance(doc, dict) and "last_heartbeat" in doc else None
-        except ValueError:
+        if blob is None:
             return None
+        try:
+            doc = json.loads(blob.body)
+        except (ValueError, RecursionError) as exc:
+            _warn("skipping unreadable heartbeat %s: not JSON: %s", key, exc)
+            return None
+        if not isinstance(doc, dict) or "last_heartbeat" not in doc:
+            _warn("skipping unreadable heartbeat %s: not a heartbeat (no last_heartbeat)", key)
+            return None
+        return doc
     return [w for w in queue._map(read, keys) if w is not None]
 
 
@@ -4607,9 +4695,10 @@ def _worker_rows(workers, now):
         except (ValueError, TypeError):
             age = None
         alive = age is not None and age < 60
+        shards = w.get("shards")  # anything: a heartbeat is only shown
+        shards = ",".join(map(str, shards)) if isinstance(shards, list) else shards
         rows.append([w.get("worker_id"), "alive" if alive else "stale", "%ds ago" % age if age is not None else "?",
-                     ",".join(w.get("shards") or []), w.get("current_task"), w.get("tasks_completed"),
-                     w.get("tasks_failed")])
+                     shards, w.get("current_task"), w.get("tasks_completed"), w.get("tasks_failed")])
     return rows
 
 
@@ -4637,9 +4726,11 @@ def _cmd_stats(args, out):
                 return keys
             start = page[-1]
 
+    ignored = 0
     for key in scan("ready/"):
         parsed = parse_index_key(key)
         if parsed is None or parsed[0] not in per_shard:
+            ignored += 1
             continue
         label = "ready" if parsed[1] <= now_bucket else "scheduled"
         per_shard[parsed[0]][label] = per_shard[parsed[0]].get(label, 0) + 1
@@ -4649,6 +4740,8 @@ def _cmd_stats(args, out):
         parsed = parse_index_key(key)
         if parsed and parsed[0] in per_shard:
             per_shard[parsed[0]]["running"] = per_shard[parsed[0]].get("running", 0) + 1
+        else:
+            ignored += 1
     if args.full:
         for shard in queue.shards:
             for task in queue.list(shard, limit=10 ** 9):
@@ -4656,7 +4749,7 @@ def _cmd_stats(args, out):
                 per_shard[shard][status] = per_shard[shard].get(status, 0) + 1
     oldest_age = None
     if oldest is not None:
-        task = queue.get(oldest[1])
+        task, _ = queue._read(queue._key_for(oldest[1]))  # unreadable: reported, the minute will do
         if task is not None and task.doc.get("status") == "pending":
             oldest_age = max(0.0, (now - task.available_at).total_seconds())
         else:
@@ -4669,6 +4762,9 @@ def _cmd_stats(args, out):
             totals[k] = totals.get(k, 0) + v
     data = {"now": format_timestamp(now), "totals": totals, "shards": per_shard,
             "oldest_ready_age_seconds": oldest_age, "workers_alive": alive, "workers_registered": len(workers)}
+    if ignored:
+        _warn("ignored %d keys under ready/ and leases/ that are not index entries (`buquet sweep` names them)",
+              ignored)
 
     def human():
         labels = ["ready", "scheduled", "running"] + sorted({k for c in per_shard.values() for k in c
@@ -5599,7 +5695,7 @@ def _overview_data(r):
             return None
         try:
             return json.loads(blob.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     workers = []
     for doc in q._map(read_json, worker_keys[:_MAX_WORKERS]):

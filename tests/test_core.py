@@ -1136,3 +1136,33 @@ def test_the_server_clock_takes_the_local_wall_clock_when_it_lies_within_the_bou
     assert clock.now() == at("2026-01-27T12:00:05.123000")  # not the midpoint 05.5
     wall.value = at("2026-01-27T12:00:07").timestamp()  # the wall clock stepped out of the bounds
     assert clock.now() == at("2026-01-27T12:00:05.500000")
+
+
+def _index_doc(status, lease_expires_at=None):
+    doc = {"id": "3f2b8c1e-5a7d-4e9b-8c21-0d6f4a1b2c3d", "shard": "3", "status": status,
+           "available_at": "2026-01-27T12:00:05Z"}
+    if lease_expires_at:
+        doc["lease_expires_at"] = lease_expires_at
+    return doc
+
+
+@pytest.mark.parametrize("kind, minute_at, doc, in_flight", [
+    # a claim's lease entry goes before the task turns running
+    ("leases", "2026-01-27T12:15:00Z", _index_doc("pending"), True),
+    ("leases", "2026-01-27T12:10:00Z", _index_doc("pending"), True),  # the current minute still counts
+    ("leases", "2026-01-27T12:09:00Z", _index_doc("pending"), False),  # its minute has passed
+    # an extension's newer entry goes before the new expiry is written
+    ("leases", "2026-01-27T12:20:00Z", _index_doc("running", "2026-01-27T12:15:00Z"), True),
+    ("leases", "2026-01-27T12:12:00Z", _index_doc("running", "2026-01-27T12:15:00Z"), False),  # an older one
+    # a retry's ready entry goes before the task turns pending
+    ("ready", "2026-01-27T12:10:30Z", _index_doc("running", "2026-01-27T12:15:00Z"), True),
+    ("ready", "2026-01-27T12:09:59Z", _index_doc("running", "2026-01-27T12:15:00Z"), False),
+    # nothing is in flight to a finished task
+    ("ready", "2026-01-27T12:30:00Z", _index_doc("completed"), False),
+    ("leases", "2026-01-27T12:30:00Z", _index_doc("failed"), False),
+])
+def test_an_index_entry_is_in_flight_only_in_its_minute_or_later_and_only_towards_a_live_state(
+        kind, minute_at, doc, in_flight):
+    now = at("2026-01-27T12:10:20")
+    minute = buquet.minute_bucket(at(minute_at.rstrip("Z")))
+    assert buquet.index_key_in_flight(kind, minute, doc, now) is in_flight

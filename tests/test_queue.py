@@ -381,9 +381,81 @@ def test_a_claim_that_loses_the_race_returns_none_and_writes_nothing_else(queue,
         return original_put(key, body, **kw)
 
     store.put = racing_put
+    fresh(store)
     assert queue.claim(task.id, "w1") is None
-    assert doc(store, task)["worker_id"] == "w-other"
-    assert keys(store, "leases/") == []
+    winner = doc(store, task)
+    assert winner["worker_id"] == "w-other"
+    # The lease entry went first; here it is the winner's own (same minute).
+    assert store.requests == {"GET": 1, "PUT": 3}  # read, lease entry, the rival's and our task PUT
+    assert keys(store, "leases/") == buquet.index_keys(winner)
+    assert keys(store, "ready/") == [ready_key(task.shard, START, task.id)]  # not ours to delete
+
+
+class _OrderedStore(MemoryStore):
+    """A MemoryStore that logs (operation, key) in order and can die (raise
+    SystemExit, as a SIGKILL would cut the process) at a chosen write."""
+
+    def __init__(self, clock):
+        super().__init__(clock=clock)
+        self.log, self.die_at = [], None
+
+    def put(self, key, body, **kwargs):
+        if self.die_at and self.die_at(key, kwargs):
+            raise SystemExit("killed")
+        self.log.append(("PUT", key))
+        return super().put(key, body, **kwargs)
+
+    def delete(self, key):
+        self.log.append(("DELETE", key))
+        return super().delete(key)
+
+
+def test_transitions_write_the_entry_the_new_state_needs_before_the_task(clock):
+    store = _OrderedStore(clock)
+    queue = Queue(store, rand=lambda: 0.5)
+    task = queue.submit("t", {}, timeout=30, retry_policy=FAST)
+    store.log.clear()
+
+    claimed = queue.claim(task.id, "w1")
+    lease_entry = buquet.index_keys(claimed.doc)[0]
+    assert store.log[:2] == [("PUT", lease_entry), ("PUT", task.key)]
+    store.log.clear()
+
+    retried = queue.retry(claimed, "boom")  # pending again, after a backoff
+    ready_entry = buquet.index_keys(retried.doc)[0]
+    assert retried.status == "pending"
+    assert store.log == [("PUT", ready_entry), ("PUT", task.key), ("DELETE", lease_entry)]
+
+
+def test_a_worker_killed_between_the_entry_and_the_task_leaves_nothing_the_monitor_cannot_mend(clock):
+    store = _OrderedStore(clock)
+    queue = Queue(store, rand=lambda: 0.5)
+    task = queue.submit("t", {}, timeout=30, retry_policy=FAST)
+    store.die_at = lambda key, kw: key == task.key  # dies at the claim's task PUT
+    with pytest.raises(SystemExit):
+        queue.claim(task.id, "w1")
+    store.die_at = None
+    (entry,) = keys(store, "leases/")
+
+    # The monitor leaves the entry while a claim could still be in flight...
+    assert queue.recover_expired_leases() == [] and keys(store, "leases/") == [entry]
+    assert queue.sweeper().run_pass() and keys(store, "leases/") == [entry]
+    # ... drops it once its minute has passed; the task was claimable throughout.
+    clock.advance(120)
+    assert queue.recover_expired_leases() == [] and keys(store, "leases/") == []
+    assert queue.claim(task.id, "w2").worker_id == "w2"
+
+
+def test_a_worker_killed_after_the_claim_is_found_by_the_monitor(clock):
+    store = _OrderedStore(clock)
+    queue = Queue(store, rand=lambda: 0.5)
+    task = queue.submit("t", {}, timeout=30, retry_policy=FAST)
+    claimed = queue.claim(task.id, "w1")  # the process then dies running the handler
+
+    clock.advance(31)
+    (recovered,) = queue.recover_expired_leases()
+
+    assert (recovered.id, recovered.status, recovered.retry_count) == (claimed.id, "pending", 1)
 
 
 # ============================================================================
