@@ -3472,6 +3472,7 @@ def _error_text(exc):
 # different days in the two implementations (see the README).
 
 SCHEDULE_TICK = 60.0  # seconds between looks at the schedules; runs fire on time in between
+SCHEDULE_RETRY = 5.0  # seconds before a look that failed is tried again, within the due minute
 _SCHEDULE_FIELDS = ("id", "task_type", "input", "cron", "enabled", "timeout_seconds", "max_retries",
                     "created_at", "updated_at")
 _MAX_CATCH_UP_STEPS = 100000  # due times walked to find the latest missed one
@@ -3795,7 +3796,10 @@ class Scheduler:
                 upcoming = schedule.cron_schedule.next_after(now)
                 wait = min(wait, max(0.0, (upcoming - now).total_seconds()))
             except (BuquetError, ValueError) as exc:
+                # Soon again: the next minute's look would find only the next
+                # due time, and this one would be lost.
                 _warn("schedule %s: %s", schedule.doc.get("id"), exc)
+                wait = min(wait, SCHEDULE_RETRY)
         self.fired += len(fired)
         return fired, wait
 
@@ -3806,7 +3810,7 @@ class Scheduler:
                 _, wait = self.tick()
             except BuquetError as exc:
                 _warn("scheduler: %s", exc)
-                wait = self.interval
+                wait = min(self.interval, SCHEDULE_RETRY)
             # Wake just after the due minute starts, not before it.
             stop.wait(wait + 0.05)
 

@@ -31,6 +31,7 @@ from buquet import (
     MemoryStore,
     Queue,
     Schedule,
+    SCHEDULE_RETRY,
     ScheduleError,
     Scheduler,
     StoreError,
@@ -446,9 +447,10 @@ def test_a_failed_write_during_a_tick_never_yields_a_second_task(clock, caplog, 
     scheduler = Scheduler(queue)
     store.fail_prefix = fail
     with caplog.at_level(logging.WARNING, logger="buquet"):
-        scheduler.tick(at(9, 0, 1))
+        _, wait = scheduler.tick(at(9, 0, 1))
     assert "schedule s:" in caplog.text and "simulated" in caplog.text
-    tasks, _ = scheduler.tick(at(9, 0, 31))  # the same due time again, now without a fault
+    assert wait == SCHEDULE_RETRY  # soon: the next day's 09:00 must not be the next look
+    tasks, _ = scheduler.tick(at(9, 0, 6))  # the same due time again, now without a fault
     assert [t.task_type for t in tasks] == ["t"]
     docs = task_docs(store)
     assert [d["id"] for d in docs] == [tasks[0].id]
