@@ -806,18 +806,26 @@ def index_keys(doc):
     return []
 
 
-def index_key_in_flight(kind, minute, doc, now):
+# Seconds an index entry may precede the task write it announces (one write,
+# with the client's retries); younger entries that do not fit their task yet
+# are left alone.
+INDEX_SETTLE = 120.0
+
+
+def index_key_in_flight(kind, minute, modified, doc, now):
     """Whether an index entry that does not fit its task may be the first
     half of a transition still in flight: transitions write the entry the
     new state needs before the task document, so that a process killed in
     between leaves a task its index still shows (the monitor can recover it)
-    rather than one no index shows.  Such entries are a lease entry of a
-    pending task (a claim) or a newer one of a running task (an extension),
-    and a ready entry of a running task (a retry, a reschedule, a requeue),
-    all for the current minute or later.  They are left alone until their
-    minute has passed."""
-    if minute < minute_bucket(now):
+    rather than one no index shows.  Such entries are a ready entry with no
+    task yet (a submit), a lease entry of a pending task (a claim) or a newer
+    one of a running task (an extension), and a ready entry of a running task
+    (a retry, a reschedule, a requeue), written (`modified`, from the
+    listing) less than INDEX_SETTLE seconds ago.  `doc` None: no task."""
+    if modified is None or (now - modified).total_seconds() >= INDEX_SETTLE:
         return False
+    if doc is None:
+        return kind == "ready"
     status = doc.get("status", "pending")
     if kind == "ready":
         return status == "running"
@@ -1813,11 +1821,13 @@ class Queue:
     def _key_for(self, task_id):
         return task_key(shard_of(task_id, self.shard_prefix_len), task_id)
 
-    def _index_now(self, puts, deletes):
+    def _index_now(self, puts, deletes, strict=False):
         for key in puts:
             try:
                 self.store.put(key, b"")
             except BuquetError as exc:  # best effort: the sweeper repairs
+                if strict:
+                    raise
                 _warn("index write %s failed: %s", key, exc)
         for key in deletes:
             try:
@@ -1848,12 +1858,13 @@ class Queue:
     def _index_first(self, old_doc, new_doc, written):
         """Write the entries `new_doc` needs and `old_doc` lacks before the
         task document moves (see index_key_in_flight); returns `written`
-        with them.  A write that then loses leaves its entry to the monitor
+        with them.  Raises when one cannot be written: then the task must not
+        move either.  A write that then loses leaves its entry to the monitor
         or sweeper, once its minute has passed."""
-        old = set(index_keys(old_doc))
+        old = set(index_keys(old_doc)) if old_doc else set()
         puts = [k for k in index_keys(new_doc) if k not in old and k not in written]
         if puts:
-            self.run_index_ops(puts, [])
+            self.run_index_ops(puts, [], strict=True)
         return written.union(puts)
 
     def _write(self, task, event, *, lease_id=None, also_delete=(), attempts=8, **args):
@@ -2009,20 +2020,28 @@ class Queue:
     def _create(self, doc, rebuild=None, agreed=None):
         key = task_key(doc["shard"], doc["id"])
         body = encode_task(doc)
+        # The ready entry first: a task is never without it, whatever fails.
+        written = self._index_first(None, doc, frozenset())
         try:
             etag = self.store.put(key, body, if_none_match=True)
         except (ConflictError, UncertainWrite) as exc:
             existing, _ = self._read(key)
             if existing is not None and isinstance(exc, UncertainWrite) and encode_task(existing.doc) == body:
                 etag = existing.etag
-            elif existing is not None:
-                return existing  # created by a racer with the same (record-given) id
+            elif existing is not None:  # created by a racer with the same (record-given) id
+                self._index_now([], [k for k in written if k not in index_keys(existing.doc)])
+                return existing
             else:
+                self._index_now([], written)
                 raise
+        except BuquetError:
+            self._index_now([], written)  # best effort; else the sweeper, once its minute has passed
+            raise
         if agreed is not None and not agreed():
             # Stamped with a local clock that is off the server's: restamp it
-            # before an index key makes it visible.
+            # (its ready entry first, again).
             fixed = rebuild(doc["id"], self.now())
+            written = self._index_first(doc, fixed, written)
             try:
                 etag = self.store.put(key, encode_task(fixed), if_match=etag)
                 doc = fixed
@@ -2033,7 +2052,7 @@ class Queue:
                 if encode_task(existing.doc) not in (body, encode_task(fixed)):
                     return existing  # a sweeper found it first, and indexed it
                 doc, etag = existing.doc, existing.etag
-        self._reindex(None, doc)
+        self._reindex(None, doc, also_delete=[k for k in written if k not in index_keys(doc)], written=written)
         return Task(doc, etag, key)
 
     def _submit_idempotent(self, build, task_type, input, key, scope, ttl_days):
@@ -2253,6 +2272,9 @@ class Queue:
         key = self._key_for(task_id)
         task, _ = self._read(key)
         if task is None:
+            parsed = parse_index_key(ready_key) if ready_key else None
+            if parsed and parsed[1] >= minute_bucket(self.now()):
+                return None, 0.0, False  # maybe a submit in flight (ready entry first): look again soon
             return None, None, True
         doc = task.doc
         if task_types is not None and doc["task_type"] not in task_types:
@@ -2417,16 +2439,16 @@ class Queue:
         minute within a shard).  Returns the recovered Tasks."""
         now = self.now()
         now_bucket = minute_bucket(now)
-        keys, _ = self.store.list("leases/", limit=limit)
+        infos, _ = self.store.list_info("leases/", limit=limit)
         candidates = []
-        for key in keys:
+        for key, modified in infos:
             parsed = parse_index_key(key)
             if parsed is None or parsed[0] not in self.shards or parsed[1] > now_bucket:
                 continue
-            candidates.append((key, parsed[2]))
+            candidates.append((key, parsed[2], modified))
         return [t for t in self._map(lambda c: self._recover(*c, now=now), candidates) if t is not None]
 
-    def _recover(self, key, task_id, now):
+    def _recover(self, key, task_id, modified, now):
         task, reason = self._read(self._key_for(task_id))
         if task is None:
             if reason is None:
@@ -2434,13 +2456,13 @@ class Queue:
             return None
         doc = task.doc
         if doc.get("status") != "running" or not doc.get("lease_expires_at"):
-            if not index_key_in_flight("leases", parse_index_key(key)[1], doc, now):
+            if not index_key_in_flight("leases", parse_index_key(key)[1], modified, doc, now):
                 self._index_now([], [key])
             return None
         expiry = parse_timestamp(doc["lease_expires_at"])
         if now <= expiry:
             if lease_key(doc["shard"], expiry, task_id) != key and not index_key_in_flight(
-                    "leases", parse_index_key(key)[1], doc, now):
+                    "leases", parse_index_key(key)[1], modified, doc, now):
                 self._index_now([], [key])  # left behind by a lease extension
             return None
         lease = doc.get("lease_id")
@@ -2475,6 +2497,7 @@ class IndexSweeper:
         self.passes = 0
         self.counts = {"checked": 0, "deleted": 0, "created": 0, "expired": 0, "skipped": 0}
         self.skipped = {}
+        self._modified = {}  # index entry -> when it was written, from the page being swept
 
     def __repr__(self):
         return "IndexSweeper(phase=%r, cursor=%r, passes=%d, %r)" % (
@@ -2484,7 +2507,11 @@ class IndexSweeper:
         """Sweep one page; returns True when this step finished a full pass."""
         q = self.queue
         prefix = self.PHASES[self.phase]
-        keys, truncated = q.store.list(prefix, start_after=self.cursor, limit=self.page_size)
+        if prefix == "tasks/":
+            keys, truncated = q.store.list(prefix, start_after=self.cursor, limit=self.page_size)
+        else:  # index entries: with their age (see index_key_in_flight)
+            infos, truncated = q.store.list_info(prefix, start_after=self.cursor, limit=self.page_size)
+            keys, self._modified = [k for k, _ in infos], dict(infos)
         check = (self._ready, self._lease, self._task)[self.phase]
         now = q.now()
         for outcome in q._map(lambda k: check(k, now), keys):
@@ -2520,6 +2547,9 @@ class IndexSweeper:
         if reason:
             return None, self._skip(key, "its task document is unreadable: " + reason)
         if task is None:
+            kind, now = key.split("/", 1)[0], self.queue.now()
+            if index_key_in_flight(kind, parsed[1], self._modified.get(key), None, now):
+                return None, None  # a submit in flight
             self.queue._index_now([], [key])
             return None, "deleted"
         return task, None
@@ -2530,7 +2560,7 @@ class IndexSweeper:
             return outcome
         doc = task.doc
         if doc.get("status", "pending") != "pending":
-            if index_key_in_flight("ready", parse_index_key(key)[1], doc, now):
+            if index_key_in_flight("ready", parse_index_key(key)[1], self._modified.get(key), doc, now):
                 return None
             self.queue._index_now([], [key])
             return "deleted"
@@ -2552,7 +2582,7 @@ class IndexSweeper:
             return outcome
         expected = index_keys(task.doc) if task.doc.get("status") == "running" else []
         if key not in expected:
-            if index_key_in_flight("leases", parse_index_key(key)[1], task.doc, now):
+            if index_key_in_flight("leases", parse_index_key(key)[1], self._modified.get(key), task.doc, now):
                 return None
             self.queue._index_now(expected, [key])
             return "deleted"
@@ -3141,7 +3171,7 @@ class Worker:
 
     # -- background index upkeep -------------------------------------------------------
 
-    def _defer_index_ops(self, puts, deletes):
+    def _defer_index_ops(self, puts, deletes, strict=False):
         """Index upkeep after a transition.  New keys are written now: a
         lease key (claim) or ready key (retry, requeue) still queued when the
         process dies would hide the task from the monitor and from workers
@@ -3162,7 +3192,7 @@ class Worker:
                 self._index_cond.notify_all()
         # Without a background thread (step() called outside run(), or a
         # handler finishing after shutdown) the deletes are done now too.
-        self._queue._index_now(puts, [] if background else deletes)
+        self._queue._index_now(puts, [] if background else deletes, strict)
 
     def _index_loop(self):
         while True:

@@ -1146,23 +1146,29 @@ def _index_doc(status, lease_expires_at=None):
     return doc
 
 
-@pytest.mark.parametrize("kind, minute_at, doc, in_flight", [
+@pytest.mark.parametrize("kind, minute_at, age, doc, in_flight", [
+    # a submit's ready entry goes before its task exists
+    ("ready", "2026-01-27T12:10:00Z", 1, None, True),
+    ("ready", "2026-01-27T12:10:00Z", 120, None, False),  # settled: the submit failed
+    ("leases", "2026-01-27T12:15:00Z", 1, None, False),  # a lease entry never precedes its task
     # a claim's lease entry goes before the task turns running
-    ("leases", "2026-01-27T12:15:00Z", _index_doc("pending"), True),
-    ("leases", "2026-01-27T12:10:00Z", _index_doc("pending"), True),  # the current minute still counts
-    ("leases", "2026-01-27T12:09:00Z", _index_doc("pending"), False),  # its minute has passed
+    ("leases", "2026-01-27T12:15:00Z", 1, _index_doc("pending"), True),
+    ("leases", "2026-01-27T12:15:00Z", 119.9, _index_doc("pending"), True),
+    ("leases", "2026-01-27T12:15:00Z", 120, _index_doc("pending"), False),
+    ("leases", "2026-01-27T12:15:00Z", None, _index_doc("pending"), False),  # no date: no benefit of doubt
     # an extension's newer entry goes before the new expiry is written
-    ("leases", "2026-01-27T12:20:00Z", _index_doc("running", "2026-01-27T12:15:00Z"), True),
-    ("leases", "2026-01-27T12:12:00Z", _index_doc("running", "2026-01-27T12:15:00Z"), False),  # an older one
+    ("leases", "2026-01-27T12:20:00Z", 1, _index_doc("running", "2026-01-27T12:15:00Z"), True),
+    ("leases", "2026-01-27T12:12:00Z", 1, _index_doc("running", "2026-01-27T12:15:00Z"), False),  # older
     # a retry's ready entry goes before the task turns pending
-    ("ready", "2026-01-27T12:10:30Z", _index_doc("running", "2026-01-27T12:15:00Z"), True),
-    ("ready", "2026-01-27T12:09:59Z", _index_doc("running", "2026-01-27T12:15:00Z"), False),
+    ("ready", "2026-01-27T12:10:30Z", 1, _index_doc("running", "2026-01-27T12:15:00Z"), True),
+    ("ready", "2026-01-27T12:10:30Z", 300, _index_doc("running", "2026-01-27T12:15:00Z"), False),
     # nothing is in flight to a finished task
-    ("ready", "2026-01-27T12:30:00Z", _index_doc("completed"), False),
-    ("leases", "2026-01-27T12:30:00Z", _index_doc("failed"), False),
+    ("ready", "2026-01-27T12:30:00Z", 1, _index_doc("completed"), False),
+    ("leases", "2026-01-27T12:30:00Z", 1, _index_doc("failed"), False),
 ])
-def test_an_index_entry_is_in_flight_only_in_its_minute_or_later_and_only_towards_a_live_state(
-        kind, minute_at, doc, in_flight):
+def test_an_index_entry_is_in_flight_only_while_young_and_only_towards_a_live_state(
+        kind, minute_at, age, doc, in_flight):
     now = at("2026-01-27T12:10:20")
     minute = buquet.minute_bucket(at(minute_at.rstrip("Z")))
-    assert buquet.index_key_in_flight(kind, minute, doc, now) is in_flight
+    modified = None if age is None else now - timedelta(seconds=age)
+    assert buquet.index_key_in_flight(kind, minute, modified, doc, now) is in_flight

@@ -22,6 +22,7 @@ from buquet import (
     MemoryStore,
     Queue,
     RetryPolicy,
+    StoreError,
     TaskNotFound,
     idempotency_key,
     lease_key,
@@ -117,12 +118,13 @@ def test_a_provisional_time_the_store_agrees_with_costs_nothing_extra(clock):
     assert keys(store, "ready/") == [ready_key(task.shard, early, task.id)]
 
 
-def test_a_provisional_time_the_store_disagrees_with_is_rewritten_before_the_ready_entry(clock):
+def test_a_provisional_time_the_store_disagrees_with_is_rewritten_with_its_ready_entry(clock):
     store = _LearningStore(clock, START + timedelta(hours=1), lambda: False)
 
     task = Queue(store).submit("t", {}, delay=10)
 
-    assert store.requests == {"PUT": 3}
+    # ready entry and task at the local time, again at the server's, the first entry deleted
+    assert store.requests == {"PUT": 4, "DELETE": 1}
     assert (task.created_at, task.available_at) == (START, START + timedelta(seconds=10))
     assert doc(store, task) == task.doc
     assert keys(store, "ready/") == [ready_key(task.shard, START + timedelta(seconds=10), task.id)]
@@ -427,6 +429,42 @@ def test_transitions_write_the_entry_the_new_state_needs_before_the_task(clock):
     assert store.log == [("PUT", ready_entry), ("PUT", task.key), ("DELETE", lease_entry)]
 
 
+class _IndexOutage(MemoryStore):
+    """Every PUT under a prefix fails (the client's retries spent)."""
+
+    failing = None
+
+    def put(self, key, body, **kwargs):
+        if self.failing and key.startswith(self.failing):
+            raise StoreError("PUT %s: 503 SlowDown (simulated, after 5 attempts)" % key)
+        return super().put(key, body, **kwargs)
+
+
+def test_an_index_entry_that_cannot_be_written_stops_the_transition_that_needed_it(clock):
+    store = _IndexOutage(clock=clock)
+    queue = Queue(store, rand=lambda: 0.5)
+    store.failing = "ready/"
+    with pytest.raises(StoreError):
+        queue.submit("t", {})  # no task without its ready entry
+    assert keys(store) == []
+
+    store.failing = None
+    task = queue.submit("t", {}, retry_policy=FAST)
+    store.failing = "leases/"
+    with pytest.raises(StoreError):
+        queue.claim(task.id, "w1")
+    assert doc(store, task) == task.doc  # still pending, still indexed
+    assert keys(store, "ready/") == buquet.index_keys(task.doc)
+
+    store.failing = None
+    claimed = queue.claim(task.id, "w1")
+    store.failing = "ready/"
+    with pytest.raises(StoreError):
+        queue.retry(claimed, "boom")
+    assert doc(store, task) == claimed.doc  # still running under its lease: the monitor's
+    assert keys(store, "leases/") == buquet.index_keys(claimed.doc)
+
+
 def test_a_worker_killed_between_the_entry_and_the_task_leaves_nothing_the_monitor_cannot_mend(clock):
     store = _OrderedStore(clock)
     queue = Queue(store, rand=lambda: 0.5)
@@ -438,10 +476,11 @@ def test_a_worker_killed_between_the_entry_and_the_task_leaves_nothing_the_monit
     (entry,) = keys(store, "leases/")
 
     # The monitor leaves the entry while a claim could still be in flight...
+    clock.advance(40)  # (the monitor looks at entries of minutes that have begun)
     assert queue.recover_expired_leases() == [] and keys(store, "leases/") == [entry]
     assert queue.sweeper().run_pass() and keys(store, "leases/") == [entry]
-    # ... drops it once its minute has passed; the task was claimable throughout.
-    clock.advance(120)
+    # ... and drops it once that cannot be; the task was claimable throughout.
+    clock.advance(buquet.INDEX_SETTLE)
     assert queue.recover_expired_leases() == [] and keys(store, "leases/") == []
     assert queue.claim(task.id, "w2").worker_id == "w2"
 
@@ -1074,12 +1113,15 @@ def test_the_sweeper_moves_a_lease_entry_in_the_wrong_minute(queue, store):
     assert keys(store, "leases/") == [right]
 
 
-def test_the_sweeper_deletes_index_entries_of_missing_tasks(queue, store):
+def test_the_sweeper_deletes_index_entries_of_missing_tasks(queue, store, clock):
     store.put(ready_key(MISSING[0], START, MISSING), b"")
     store.put(lease_key(MISSING[0], START, MISSING), b"")
 
     queue.sweeper().run_pass()
-
+    # A ready entry of this minute may be a submit's first half (its task comes next).
+    assert keys(store) == [ready_key(MISSING[0], START, MISSING)]
+    clock.advance(buquet.INDEX_SETTLE)
+    queue.sweeper().run_pass()
     assert keys(store) == []
 
 
