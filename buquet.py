@@ -2035,7 +2035,9 @@ class Queue:
                 self._index_now([], written)
                 raise
         except BuquetError:
-            self._index_now([], written)  # best effort; else the sweeper, once its minute has passed
+            # Not written (a write that may have been is UncertainWrite): the
+            # entry goes too, best effort; else the sweeper, once settled.
+            self._index_now([], written)
             raise
         if agreed is not None and not agreed():
             # Stamped with a local clock that is off the server's: restamp it

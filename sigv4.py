@@ -2263,6 +2263,9 @@ class S3Client:
                     "conditional write retried after a broken attempt, and the retry lost: "
                     "the first attempt may have been applied; re-read to decide", **err_args)
             return ConflictError("precondition failed: " + message, **err_args)
+        if conditional_write and may_have_applied:
+            return UncertainWriteError(
+                "%s after a broken attempt that may have been applied; re-read to decide" % message, **err_args)
         if status == 404 and code in ("NoSuchKey", "NotFound"):
             return NoSuchKey(message, **err_args)
         return S3Error(message, **err_args)

@@ -722,9 +722,21 @@ def _overdue(doc, slack=3.0):
     return bool(field and doc.get(field)) and _parse_ts(doc[field]).timestamp() + slack < time.time()
 
 
-def _sweep(queue):
-    sweeper = queue.sweeper(page_size=1000)
-    sweeper.run_pass()
+def _sweep(queue, settled=False):
+    """A sweeper pass.  settled: every process has stopped, so no index
+    entry can be the first half of a write in flight (buquet.INDEX_SETTLE):
+    a young one that does not fit its task is stale (e.g. the ready entry
+    of a submit whose task write failed and whose clean-up failed too)."""
+    import buquet
+
+    saved = buquet.INDEX_SETTLE
+    if settled:
+        buquet.INDEX_SETTLE = 0.0
+    try:
+        sweeper = queue.sweeper(page_size=1000)
+        sweeper.run_pass()
+    finally:
+        buquet.INDEX_SETTLE = saved
     return dict(sweeper.counts, skipped_keys=sorted(sweeper.skipped))
 
 
@@ -852,7 +864,7 @@ def run(options, server=None, workdir=None):
         _log(options, "drain: %d tasks, %d unfinished after %.1f s", len(docs), len(left), time.monotonic() - t1)
         fleet.check_crashes()
         fleet.stop_workers()
-        report["final_sweep"] = _sweep(direct)
+        report["final_sweep"] = _sweep(direct, settled=True)
         snapshot = proxy.snapshot()
         proxy.stop()
         proxy = None

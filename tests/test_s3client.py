@@ -625,6 +625,20 @@ def test_a_conditional_put_whose_reset_attempt_may_have_applied_is_uncertain_whe
     )
 
 
+def test_a_conditional_put_whose_reset_attempt_may_have_applied_is_uncertain_when_retries_run_out(stand_in):
+    # Found by the chaos run: a reply lost after the write applied, then 503s to the end; a
+    # plain error there made the caller think nothing was written.
+    stand_in.then(reset, s3_error(503, "SlowDown"), s3_error(503, "SlowDown"))
+    c = _stand_in_client(stand_in)
+
+    with pytest.raises(UncertainWriteError) as info:
+        c.put_object("bucket", "k", b"x", if_none_match="*")
+
+    assert len(stand_in.requests) == 3
+    assert str(info.value) == ("PUT s3://bucket/k: 503 SlowDown: SlowDown after a broken attempt that may "
+                               "have been applied; re-read to decide [request id RID-SlowDown]")
+
+
 def test_a_conditional_put_after_a_500_is_uncertain_when_the_retry_loses(stand_in):
     # A 500 may come after the write was applied.
     stand_in.then(s3_error(500, "InternalError"), s3_error(412, "PreconditionFailed"))
