@@ -2300,11 +2300,14 @@ class Queue:
         written = self._index_first(doc, new_doc, frozenset())
         try:
             etag = self.store.put(key, body, if_match=task.etag)
-        except ConflictError:
-            return None, 0.0, True
-        except UncertainWrite:
+        except (ConflictError, UncertainWrite) as exc:
             latest, _ = self._read(key)
-            if latest is None or latest.doc.get("lease_id") != lease:
+            if isinstance(exc, ConflictError) or latest is None or latest.doc.get("lease_id") != lease:
+                # Lost: our lease entry goes unless the winner's has the same
+                # name (one GET per lost race keeps the index exact).
+                mine = [k for k in written if latest is None or k not in index_keys(latest.doc)]
+                if mine:
+                    self._index_now([], mine)
                 return None, 0.0, True
             etag = latest.etag
         self._reindex(doc, new_doc, [ready_key] if ready_key else (), written)

@@ -387,10 +387,28 @@ def test_a_claim_that_loses_the_race_returns_none_and_writes_nothing_else(queue,
     assert queue.claim(task.id, "w1") is None
     winner = doc(store, task)
     assert winner["worker_id"] == "w-other"
-    # The lease entry went first; here it is the winner's own (same minute).
-    assert store.requests == {"GET": 1, "PUT": 3}  # read, lease entry, the rival's and our task PUT
+    # The lease entry went first; here it is the winner's own (same minute): it stays.
+    assert store.requests == {"GET": 2, "PUT": 3}  # read, entry, rival's and our task PUT, re-read
     assert keys(store, "leases/") == buquet.index_keys(winner)
     assert keys(store, "ready/") == [ready_key(task.shard, START, task.id)]  # not ours to delete
+
+
+def test_a_claim_that_loses_the_race_to_another_minute_deletes_its_lease_entry(queue, store, clock):
+    task = queue.submit("t", {}, timeout=30)
+    original_put = store.put
+
+    def racing_put(key, body, **kw):
+        if key == task.key and kw.get("if_match"):
+            store.put = original_put
+            rival = json.loads(body)  # a rival whose clock read 40 s later: its lease ends a minute on
+            rival.update(worker_id="w-other", lease_expires_at="2026-01-27T12:01:15Z")
+            original_put(key, buquet.encode_task(rival), if_match=kw["if_match"])
+            original_put(buquet.index_keys(rival)[0], b"")
+        return original_put(key, body, **kw)
+
+    store.put = racing_put
+    assert queue.claim(task.id, "w1") is None
+    assert keys(store, "leases/") == buquet.index_keys(doc(store, task))  # the rival's only
 
 
 class _OrderedStore(MemoryStore):
