@@ -1,6 +1,7 @@
 """Helpers shared by test modules (plain functions; fixtures live in conftest.py)."""
 
 import json
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -78,3 +79,14 @@ def running(worker, join_timeout=20):
         thread.join(join_timeout)
         assert not thread.is_alive(), "the worker did not stop"
     assert result.get("code") == 0
+
+
+def isolate_environment(monkeypatch, tmp_path):
+    """No bucket, profile, proxy or user file from the machine running the tests,
+    and the temporary directory as the current one (the CLI reads .buquet.toml there)."""
+    for name in list(os.environ):
+        if name.startswith(("S3_", "BUQUET_", "AWS_")) or "proxy" in name.lower():
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.chdir(tmp_path)

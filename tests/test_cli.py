@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from helpers import isolate_environment
 
 import buquet
 import sigv4
@@ -32,12 +33,7 @@ SECRET = "cli-test-secret-do-not-print-0123456789"
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch, tmp_path):
     """No bucket, profile or user file from the machine running the tests."""
-    for name in list(os.environ):
-        if name.startswith(("S3_", "BUQUET_", "AWS_")) or "proxy" in name.lower():
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.chdir(tmp_path)
+    isolate_environment(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ import pytest
 
 import buquet
 from buquet import main
-from helpers import connect, wait_for
+from helpers import connect, isolate_environment, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = "0123456789abcdef"
@@ -397,12 +397,7 @@ def named(keys, text):
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith(("S3_", "BUQUET_", "AWS_")) or "proxy" in name.lower():
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.chdir(tmp_path)
+    isolate_environment(monkeypatch, tmp_path)
     # The planted stale entries are seconds old, and an entry that young may be the first
     # half of a transition in flight (buquet.index_key_in_flight), left alone for
     # INDEX_SETTLE seconds; in a real bucket these would have settled long ago.
